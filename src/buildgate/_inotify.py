@@ -1,0 +1,56 @@
+"""A minimal inotify binding (ctypes), so a waiting build sleeps in the kernel."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+IN_MODIFY = 0x00000002
+IN_CLOSE_WRITE = 0x00000008
+IN_CLOSE_NOWRITE = 0x00000010
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+_IN_NONBLOCK = 0o4000
+_IN_CLOEXEC = 0o2000000
+
+_libc = None
+
+
+def _lib() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+class Inotify:
+    def __init__(self) -> None:
+        fd = _lib().inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.fd: int = fd
+
+    def add(self, path: str, mask: int) -> None:
+        wd = _lib().inotify_add_watch(self.fd, os.fsencode(path), mask)
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def drain(self) -> None:
+        """Discard pending events: the caller rescans the state anyway."""
+        while True:
+            try:
+                if not os.read(self.fd, 65536):
+                    return
+            except BlockingIOError:
+                return
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,206 @@
+"""The command line.  The only module that imports click, prints or exits.
+
+Every error reaches ``main`` as a BuildgateError and leaves through one table,
+``exit_code_for``, so the documented exit codes (docs/exit-codes.md) live in
+exactly one place.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
+
+import click
+
+from buildgate import __version__
+from buildgate.errors import (
+    BuildgateError,
+    CommandNotExecutable,
+    CommandNotFound,
+    ConfigError,
+    InternalFailure,
+    Interrupted,
+    PermissionProblem,
+    QueueTimeout,
+    Unavailable,
+    UsageError,
+    WouldBlock,
+)
+
+EX_USAGE = 2
+EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+EX_CONFIG = 78
+EX_TIMEOUT = 124
+EX_SOFTWARE = 125
+EX_NOEXEC = 126
+EX_NOTFOUND = 127
+
+_CODES: list[tuple[type[BuildgateError], int]] = [
+    (UsageError, EX_USAGE),
+    (ConfigError, EX_CONFIG),
+    (PermissionProblem, EX_NOPERM),
+    (Unavailable, EX_UNAVAILABLE),
+    (WouldBlock, EX_TEMPFAIL),
+    (QueueTimeout, EX_TIMEOUT),
+    (CommandNotFound, EX_NOTFOUND),
+    (CommandNotExecutable, EX_NOEXEC),
+    (InternalFailure, EX_SOFTWARE),
+]
+
+
+def exit_code_for(exc: BuildgateError, conflict_exit_code: int = EX_TIMEOUT) -> int:
+    if isinstance(exc, Interrupted):
+        return 128 + exc.signum
+    if isinstance(exc, QueueTimeout):
+        return conflict_exit_code
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code
+    return EX_SOFTWARE
+
+
+def _say(text: str) -> None:
+    click.echo(f"buildgate: {text}", err=True)
+
+
+class _State:
+    conflict_exit_code = EX_TIMEOUT
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="buildgate")
+@click.option("--config", "config_path", metavar="PATH", envvar="BUILDGATE_CONFIG",
+              help="Config file (default /etc/buildgate/buildgate.conf, or $BUILDGATE_CONFIG).")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """Queue, reserve memory for and hard-cap builds on a shared host."""
+    ctx.obj = config_path
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.option("--mem", metavar="SIZE",
+              help="Memory to reserve and cap the build at: 2.5G, 512M (base 1024) or 50% of "
+                   "the budget.  Default: the whole budget (one build at a time).")
+@click.option("--wait", "wait", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Give up after waiting this long (default 900, or wait= in the config).")
+@click.option("--no-wait", is_flag=True, help="Start now or exit 75; never queue.")
+@click.option("--name", metavar="NAME", help="Label in status lines and the scope name (default: the command).")
+@click.option("-E", "--conflict-exit-code", type=click.IntRange(0, 255), default=EX_TIMEOUT,
+              show_default=True, help="Exit code when --wait runs out (as flock -E).")
+@click.option("--keep-leftovers", is_flag=True,
+              help="Do not stop the build's leftover processes when it exits; they keep its "
+                   "reservation until they end.")
+@click.option("-q", "--quiet", is_flag=True, help="No status lines; the summary only when the build fails.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def run(config_path: str | None, mem: str | None, wait: float | None, no_wait: bool, name: str | None,
+        conflict_exit_code: int, keep_leftovers: bool, quiet: bool, command: tuple[str, ...]) -> None:
+    """Run COMMAND once there is room for it, capped at --mem, in build.slice.
+
+    \b
+    buildgate run --mem 2.5G -- npx astro build
+    buildgate run --no-wait npm run build
+    """
+    _State.conflict_exit_code = conflict_exit_code
+    if wait is not None and no_wait:
+        raise UsageError("--wait and --no-wait contradict each other: give one of them")
+    from buildgate.config import load_config
+    from buildgate.queue import describe
+    from buildgate.runner import Hooks, RunRequest, run as do_run, summary
+
+    cfg = load_config(config_path)
+    tty = sys.stderr.isatty()
+    shown = {"waited": False}
+
+    def waiting(decision: object) -> None:
+        if quiet:
+            return
+        shown["waited"] = True
+        line = "buildgate: " + describe(decision)  # type: ignore[arg-type]
+        if tty:
+            width = os.get_terminal_size(sys.stderr.fileno()).columns if tty else 200
+            click.echo("\r\033[K" + line[: max(20, width - 1)], nl=False, err=True)
+        else:
+            click.echo(line, err=True)
+
+    def admitted(scope: str, waited: float) -> None:
+        if shown["waited"] and tty:
+            click.echo("", err=True)
+
+    hooks = Hooks(waiting=waiting, refresh=1.0 if tty else 60.0, admitted=admitted)
+    req = RunRequest(argv=list(command), mem=mem, wait=wait, no_wait=no_wait, name=name,
+                     keep_leftovers=keep_leftovers)
+    try:
+        result = do_run(cfg, req, hooks)
+    finally:
+        if shown["waited"] and tty:
+            click.echo("", err=True, nl=False)
+    if not quiet or result.exit_code != 0:
+        _say(summary(result))
+    sys.exit(result.exit_code)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def status(config_path: str | None, as_json: bool) -> None:
+    """Show the queue: who runs, who waits, how much memory each reserved."""
+    import json
+    import time
+
+    from buildgate.config import load_config
+    from buildgate.queue import Queue, format_duration, prepare_state_dir
+    from buildgate.sizes import format_size
+
+    cfg = load_config(config_path)
+    if not os.path.isdir(os.path.join(cfg.state_dir, "q")):
+        entries = []
+    else:
+        prepare_state_dir(cfg.state_dir)
+        entries, _ = Queue(cfg.state_dir).snapshot()
+    if as_json:
+        click.echo(json.dumps([json.loads(e.to_json()) | {"orphan": e.orphan} for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo("queue empty")
+        return
+    now = time.time()
+    for e in entries:
+        since = e.t_admitted if e.holds_memory and e.t_admitted else e.t_enqueued
+        pid = e.main_pid if e.orphan and e.main_pid else e.pid
+        state = e.state + (" (buildgate gone)" if e.orphan else "")
+        click.echo(f"#{e.seq} {state:<10} {format_size(e.mem):>6} {format_duration(now - since):>7}  "
+                   f"{e.name} pid {pid}: {e.argv}")
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    try:
+        cli.main(args=argv, prog_name="buildgate", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        # One line, not click's usage block: deploy logs are read in a hurry.
+        hint = ""
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            hint = f" (see {ctx.command_path} --help)"
+        _say(f"{exc.format_message()}{hint}")
+        sys.exit(exc.exit_code if exc.exit_code else EX_USAGE)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except BuildgateError as exc:
+        _say(str(exc))
+        sys.exit(exit_code_for(exc, _State.conflict_exit_code))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # never a traceback in a deploy log
+        if os.environ.get("BUILDGATE_DEBUG"):
+            raise
+        _say(f"internal error: {type(exc).__name__}: {exc} (rerun with BUILDGATE_DEBUG=1 and report it)")
+        sys.exit(EX_SOFTWARE)
+    sys.exit(0)

@@ -1,0 +1,131 @@
+"""The host's config file: ``/etc/buildgate/buildgate.conf`` (TOML).
+
+A missing default file means defaults; everything else that is wrong with the
+file (unreadable, bad TOML, unknown key, wrong type) is a ConfigError naming the
+file and the key, so an operator's typo never silently changes the budget.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from buildgate.errors import ConfigError, SizeError
+
+DEFAULT_PATH = "/etc/buildgate/buildgate.conf"
+CONFIG_ENV = "BUILDGATE_CONFIG"
+
+
+@dataclass(frozen=True)
+class Config:
+    #: Memory all builds together may reserve: a size ("6G") or a percentage of
+    #: MemTotal ("75%").  None: the build slice's MemoryMax, else a default
+    #: derived from MemTotal (see budget.py).
+    budget: str | None = None
+    #: The slice every build scope goes into.
+    slice: str = "build.slice"
+    #: Where the queue lives.  On tmpfs by default so a reboot empties it.
+    state_dir: str = "/run/buildgate"
+    #: A lock file that plain ``flock`` scripts use; buildgate holds it shared
+    #: while a build runs so the two never overlap.  "" turns interop off.
+    legacy_lock: str = "/var/lock/vps-build.lock"
+    #: Default for --wait, in seconds (the seed's ``flock -w 900``).
+    wait: float = 900.0
+    cpu_weight: int = 50
+    io_weight: int = 50
+    tasks_max: int = 4096
+    #: Seconds systemd gives a stopping scope between SIGTERM and SIGKILL.  Short,
+    #: so that a CI cancel (SIGINT, SIGTERM 7.5 s later, then SIGKILL) leaves
+    #: nothing behind.
+    stop_timeout: float = 5.0
+    #: Where the file came from, for messages.
+    source: str = "defaults"
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "budget": (str,),
+    "slice": (str,),
+    "state_dir": (str,),
+    "legacy_lock": (str,),
+    "wait": (int, float),
+    "cpu_weight": (int,),
+    "io_weight": (int,),
+    "tasks_max": (int,),
+    "stop_timeout": (int, float),
+}
+
+
+def parse_config(text: str, path: str) -> Config:
+    """Pure: TOML text -> Config, or ConfigError naming the first problem."""
+    try:
+        import tomllib  # type: ignore[import-not-found]
+    except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"not valid TOML ({exc}): fix the syntax") from None
+    known = {f.name for f in fields(Config)} - {"source"}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(
+                path, f"unknown key {key!r}: valid keys are {', '.join(sorted(known))}"
+            )
+        types = _TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            want = " or ".join(t.__name__ for t in types)
+            raise ConfigError(path, f"{key} must be a {want}, not {value!r}")
+        values[key] = value
+    cfg = replace(Config(), source=path, **values)
+    _validate(cfg, path)
+    return cfg
+
+
+def _validate(cfg: Config, path: str) -> None:
+    from buildgate.sizes import parse_size
+
+    if cfg.budget is not None:
+        try:
+            parse_size(cfg.budget, percent_of=1 << 40)
+        except SizeError as exc:
+            raise ConfigError(path, f"budget: {exc.why} ({cfg.budget!r}); e.g. budget = \"6G\"") from None
+    if not cfg.slice.endswith(".slice") or "/" in cfg.slice:
+        raise ConfigError(path, f"slice must be a unit name ending in .slice, not {cfg.slice!r}")
+    if not os.path.isabs(cfg.state_dir):
+        raise ConfigError(path, f"state_dir must be an absolute path, not {cfg.state_dir!r}")
+    if cfg.legacy_lock and not os.path.isabs(cfg.legacy_lock):
+        raise ConfigError(path, f"legacy_lock must be an absolute path or \"\", not {cfg.legacy_lock!r}")
+    if cfg.wait < 0:
+        raise ConfigError(path, f"wait must be >= 0 seconds, not {cfg.wait}")
+    for key in ("cpu_weight", "io_weight"):
+        if not 1 <= getattr(cfg, key) <= 10000:
+            raise ConfigError(path, f"{key} must be between 1 and 10000")
+    if cfg.tasks_max < 1:
+        raise ConfigError(path, "tasks_max must be >= 1")
+    if not 0 < cfg.stop_timeout <= 3600:
+        raise ConfigError(path, "stop_timeout must be between 0 and 3600 seconds")
+
+
+def load_config(path: str | None = None) -> Config:
+    """Read the config from ``path``, $BUILDGATE_CONFIG or the default location."""
+    explicit = path or os.environ.get(CONFIG_ENV) or None
+    target = explicit or DEFAULT_PATH
+    try:
+        with open(target, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(target, "no such file: create it or point --config/$BUILDGATE_CONFIG elsewhere") from None
+        return Config()
+    except PermissionError:
+        raise ConfigError(target, "permission denied: make it readable (chmod 644)") from None
+    except IsADirectoryError:
+        raise ConfigError(target, "is a directory: it must be a TOML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(target, "not UTF-8 text: it must be a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(target, f"cannot read it ({exc.strerror})") from None
+    return parse_config(text, target)

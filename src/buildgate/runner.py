@@ -1,0 +1,500 @@
+"""``buildgate run``: wait for a place, then run the build in a capped scope.
+
+Order of events (each step's failure leaves nothing running and nothing held):
+
+1. validate input, read config, work out the budget (no systemd bytes yet);
+2. take a ticket and wait for admission (queue.py) - cheap and interruptible;
+3. fork the build's main process, which blocks on a pipe before exec;
+4. record its pid in the ticket (from here a crash of buildgate cannot free
+   the reservation while the build runs), create the transient scope with
+   that pid in it and wait for the start job: only then release the child,
+   so the command never runs for an instant outside its cap;
+5. wait for the main process, forwarding nothing: SIGINT/SIGTERM to
+   buildgate stop the whole scope instead;
+6. read peak and OOM kills from the scope's cgroup, stop the scope so
+   leftovers die, free the reservation.
+
+A tiny *keeper* process sits in the scope next to the build: it pins the
+cgroup so its counters can still be read after the build's last process exited
+(systemd removes an empty scope's cgroup at once).  It ignores SIGTERM, cannot
+be chosen by the OOM killer and exits when buildgate closes its pipe or dies.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from buildgate import procs
+from buildgate.config import Config
+from buildgate.errors import (
+    CommandNotExecutable,
+    CommandNotFound,
+    Interrupted,
+    ReservationTooLarge,
+    UsageError,
+)
+from buildgate.queue import RUNNING, STARTING, Decision, Entry, Queue, prepare_state_dir
+from buildgate.sizes import format_size, parse_size
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class RunRequest:
+    argv: list[str]
+    mem: str | None = None
+    wait: float | None = None  # None: the config's default
+    no_wait: bool = False
+    name: str | None = None
+    keep_leftovers: bool = False
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    name: str
+    scope: str
+    mem: int
+    waited: float
+    ran: float
+    status: int  # os.waitstatus_to_exitcode: negative for a signal
+    peak: int | None
+    oom_kills: int
+    leftovers: int
+    interrupted: int | None = None
+    kept_leftovers: bool = False
+
+    @property
+    def capped_kill(self) -> bool:
+        return self.oom_kills > 0 and self.status != 0
+
+
+@dataclass
+class Hooks:
+    """How the caller (cli.py) hears about progress; core never prints."""
+
+    waiting: Callable[[Decision], None] | None = None
+    refresh: float | None = None
+    admitted: Callable[[str, float], None] | None = None
+    warn: Callable[[str], None] | None = None
+
+
+def default_name(argv: list[str]) -> str:
+    """``npx astro build`` -> ``npx``; ``./node_modules/.bin/vite`` -> ``vite``."""
+    base = os.path.basename(argv[0]) or "build"
+    cleaned = re.sub(r"[^A-Za-z0-9_.:-]", "_", base)[:40]
+    return cleaned or "build"
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise UsageError(
+            f"invalid --name {name!r}: use 1-64 letters, digits, '_', '.', ':' or '-' "
+            f"(it becomes part of a systemd unit name)"
+        )
+    return name
+
+
+def scope_properties(cfg: Config, mem: int, description: str, cgroup_version: int) -> list:
+    from buildgate.systemd import Prop
+
+    props = [
+        Prop("Description", "s", description),
+        Prop("Slice", "s", cfg.slice),
+        Prop("MemoryAccounting", "b", True),
+        Prop("MemoryMax", "t", mem),
+        # With swap, MemoryMax alone lets a build spill into swap instead of
+        # being killed; the host then swaps itself to death (the incident).
+        Prop("MemorySwapMax", "t", 0),
+        Prop("CPUWeight", "t", cfg.cpu_weight),
+        Prop("IOWeight", "t", cfg.io_weight),
+        Prop("TasksAccounting", "b", True),
+        Prop("TasksMax", "t", cfg.tasks_max),
+        Prop("CollectMode", "s", "inactive-or-failed"),
+        Prop("TimeoutStopUSec", "t", int(cfg.stop_timeout * 1_000_000)),
+        Prop("SendSIGKILL", "b", True),
+    ]
+    if cgroup_version == 2:
+        # Reclaim pressure a little before the hard cap: the build slows down
+        # instead of being killed for a short spike.  (v1 has no equivalent.)
+        props.append(Prop("MemoryHigh", "t", mem - max(mem // 16, 4 * 1024**2)))
+    return props
+
+
+class _Signals:
+    """SIGINT/SIGTERM/SIGHUP: raise while waiting, just note them while running."""
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.raising = True
+        self._old = {}
+        self.rfd, self.wfd = os.pipe()
+        os.set_blocking(self.wfd, False)
+        os.set_blocking(self.rfd, False)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.pending is None:
+            self.pending = signum
+        if self.raising:
+            raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name} while waiting; the build never ran")
+
+    def __enter__(self) -> _Signals:
+        for sig in _HANDLED:
+            self._old[sig] = signal.signal(sig, self._handler)
+        self._old_wakeup = signal.set_wakeup_fd(self.wfd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        os.close(self.rfd)
+        os.close(self.wfd)
+
+
+def _child(argv: list[str], go_r: int, err_w: int, wakeup_fd: int) -> None:
+    """The build's main process, before exec.  Never returns."""
+    try:
+        signal.set_wakeup_fd(-1)
+        os.close(wakeup_fd)
+        # Python ignores SIGPIPE and SIGXFSZ; exec keeps ignored signals, and a
+        # build with SIGPIPE ignored behaves differently (`yes | head` never ends).
+        for sig in (*_HANDLED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        go = os.read(go_r, 1)
+        if go != b"1":  # buildgate died or gave up before the scope existed
+            os._exit(125)
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        try:
+            os.write(err_w, f"{exc.errno}".encode())
+        finally:
+            os._exit(127 if exc.errno == errno.ENOENT else 126)
+    except BaseException:
+        pass
+    os._exit(125)
+
+
+def _keeper(pipe_r: int) -> None:
+    """Pins the scope's cgroup until buildgate has read its counters."""
+    try:
+        for sig in (*_HANDLED, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            with open("/proc/self/oom_score_adj", "w") as fh:
+                fh.write("-1000")
+        except OSError:
+            pass
+        os.closerange(3, pipe_r)
+        os.closerange(pipe_r + 1, 1 << 16)
+        while True:
+            try:
+                os.read(pipe_r, 1)
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries
+                continue
+    finally:
+        os._exit(0)
+
+
+@dataclass
+class _Launch:
+    pid: int
+    keeper: int
+    keeper_w: int
+    scope: str
+    cgroup: object | None = None
+    started: float = 0.0
+    counters: dict = field(default_factory=dict)
+
+
+def run(cfg: Config, req: RunRequest, hooks: Hooks | None = None) -> RunResult:
+    hooks = hooks or Hooks()
+    if not req.argv:
+        raise UsageError("no command given: buildgate run [OPTIONS] -- COMMAND [ARGS...]")
+    name = check_name(req.name) if req.name else default_name(req.argv)
+    if req.mem is not None:
+        parse_size(req.mem, percent_of=1 << 40)  # syntax first: a typo beats a systemd error
+
+    from buildgate import budget as budget_mod
+    from buildgate.systemd import booted
+    from buildgate.errors import Unavailable
+
+    if not booted():
+        raise Unavailable(
+            "systemd is not running as the init system here (no /run/systemd/system): "
+            "buildgate run needs a systemd host"
+        )
+    total = budget_mod.mem_total()
+    budget = budget_mod.resolve_budget(cfg, total, budget_mod.query_slice_max(cfg.slice))
+    mem = parse_size(req.mem, percent_of=budget.bytes) if req.mem is not None else budget.bytes
+    if mem > budget.bytes:
+        raise ReservationTooLarge(mem, budget.bytes, budget.source)
+
+    prepare_state_dir(cfg.state_dir)
+    queue = Queue(cfg.state_dir)
+    wait_s = cfg.wait if req.wait is None else req.wait
+    t0 = time.monotonic()
+    deadline: float | None = 0.0 if req.no_wait else t0 + wait_s
+
+    argv_text = " ".join(req.argv)
+    with _Signals() as sigs:
+        ticket = queue.enter(name=name, mem=mem, argv=argv_text[:500], cwd=os.getcwd(),
+                             keep_leftovers=req.keep_leftovers)
+        sd = None
+        try:
+            ticket.wait(budget.bytes, deadline, cfg.legacy_lock, hooks.waiting, hooks.refresh,
+                        reap=lambda e: _reap(e, cfg))
+            waited = time.monotonic() - t0
+            scope = f"buildgate-{name}-{ticket.seq}.scope"
+            if hooks.admitted:
+                hooks.admitted(scope, waited)
+
+            # From here on a signal is handled in order, not by unwinding.
+            sigs.raising = False
+            if sigs.pending is not None:
+                raise Interrupted(sigs.pending, f"interrupted by {signal.Signals(sigs.pending).name} before the build started")
+            from buildgate.cgroup import MemoryCgroup, detect_layout
+            from buildgate.systemd import Systemd
+
+            layout = detect_layout()
+            sd = Systemd()
+            launch = _launch(sd, cfg, req, ticket, scope, mem, layout.version, sigs)
+            try:
+                cg = MemoryCgroup.of_pid(launch.pid, layout)
+                launch.cgroup = cg
+                ticket.update(state=RUNNING, cgroup=cg.path if cg else None)
+                _release_child(launch, req.argv)
+                status = _wait_main(sd, launch, sigs, cfg)
+            except BaseException:
+                _kill_launch(sd, launch, cfg)
+                raise
+            ran = time.monotonic() - launch.started
+            return _finish(sd, cfg, req, ticket, launch, name, mem, waited, ran, status, sigs.pending)
+        finally:
+            if ticket.lock_fd is not None:
+                ticket.release()
+            if sd is not None:
+                sd.close()
+
+
+def _launch(sd, cfg: Config, req: RunRequest, ticket, scope: str, mem: int, cgv: int, sigs: _Signals) -> _Launch:
+    go_r, go_w = os.pipe()
+    err_r, err_w = os.pipe()
+    keep_r, keep_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        _child(req.argv, go_r, err_w, sigs.wfd)
+    keeper = os.fork()
+    if keeper == 0:  # pragma: no cover - runs in the keeper
+        _keeper(keep_r)
+    for fd in (go_r, err_w, keep_r):
+        os.close(fd)
+    launch = _Launch(pid=pid, keeper=keeper, keeper_w=keep_w, scope=scope)
+    launch.counters["go_w"] = go_w
+    launch.counters["err_r"] = err_r
+    try:
+        # Record the main pid before the scope exists: if buildgate dies from
+        # here on, the reservation stays as long as this process lives.
+        ticket.update(state=STARTING, scope=scope, main_pid=pid, main_start=procs.starttime(pid))
+        description = f"buildgate: {' '.join(req.argv)}"[:200]
+        sd.start_scope(scope, pid, scope_properties(cfg, mem, description, cgv), extra_pids=[keeper])
+    except BaseException:
+        _kill_launch(sd, launch, cfg, scope_started=False)
+        raise
+    return launch
+
+
+def _release_child(launch: _Launch, argv: list[str]) -> None:
+    go_w = launch.counters.pop("go_w")
+    err_r = launch.counters.pop("err_r")
+    os.write(go_w, b"1")
+    os.close(go_w)
+    data = b""
+    while True:  # EOF: exec succeeded (err_w was close-on-exec); else an errno
+        chunk = os.read(err_r, 64)
+        if not chunk:
+            break
+        data += chunk
+    os.close(err_r)
+    launch.started = time.monotonic()
+    if data:
+        os.waitpid(launch.pid, 0)
+        code = int(data.decode() or 0)
+        if code == errno.ENOENT:
+            raise CommandNotFound(argv[0])
+        raise CommandNotExecutable(argv[0], os.strerror(code))
+
+
+def _wait_main(sd, launch: _Launch, sigs: _Signals, cfg: Config) -> int:
+    """Wait for the build's main process; on SIGINT/SIGTERM stop the scope."""
+    from buildgate._inotify import IN_MODIFY, Inotify
+
+    pfd = procs.pidfd(launch.pid)
+    ino = None
+    cg = launch.cgroup
+    if cg is not None and cg.layout.version == 2:
+        # systemd may stop (and remove) a v2 scope right after an OOM kill, so
+        # note the counters as they change rather than only at the end.
+        try:
+            ino = Inotify()
+            ino.add(os.path.join(cg.dir, "memory.events"), IN_MODIFY)
+        except OSError:
+            ino = None
+    stopping = False
+    try:
+        while True:
+            if sigs.pending is not None and not stopping:
+                stopping = True
+                sd.stop_unit(launch.scope, timeout=cfg.stop_timeout + 60)
+            rlist = [sigs.rfd] + ([pfd] if pfd is not None else []) + ([ino.fileno()] if ino else [])
+            timeout = None if pfd is not None else 0.2  # no pidfd (old kernel): poll waitpid
+            ready, _, _ = select.select(rlist, [], [], timeout)
+            if sigs.rfd in ready:
+                try:
+                    os.read(sigs.rfd, 64)
+                except BlockingIOError:
+                    pass
+            if ino is not None and ino.fileno() in ready:
+                ino.drain()
+                _note_counters(launch)
+            if pfd is not None and pfd not in ready:
+                continue
+            done, status = os.waitpid(launch.pid, os.WNOHANG if pfd is None else 0)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+    finally:
+        if pfd is not None:
+            os.close(pfd)
+        if ino is not None:
+            ino.close()
+
+
+def _note_counters(launch: _Launch) -> None:
+    cg = launch.cgroup
+    if cg is None:
+        return
+    kills = cg.oom_kills()
+    peak = cg.peak()
+    if kills is not None:
+        launch.counters["oom"] = max(kills, launch.counters.get("oom", 0))
+    if peak is not None:
+        launch.counters["peak"] = max(peak, launch.counters.get("peak", 0))
+
+
+def _finish(sd, cfg, req, ticket, launch, name, mem, waited, ran, status, interrupted) -> RunResult:
+    _note_counters(launch)
+    cg = launch.cgroup
+    leftovers = 0
+    if cg is not None:
+        leftovers = len([p for p in cg.pids() if p not in (launch.keeper, launch.pid)])
+    kept = False
+    if req.keep_leftovers and leftovers and interrupted is None:
+        kept = True
+        _close_keeper(launch)
+        # The leftovers now keep the reservation (queue._orphan_verdict).
+        ticket.detach()
+    else:
+        sd.stop_unit(launch.scope, timeout=cfg.stop_timeout + 60)
+        _close_keeper(launch)
+    oom = launch.counters.get("oom", 0)
+    if interrupted is not None:
+        code = 128 + interrupted
+    elif oom and status != 0:
+        code = 137
+    elif status < 0:
+        code = 128 - status
+    else:
+        code = status
+    return RunResult(
+        exit_code=code, name=name, scope=launch.scope, mem=mem, waited=waited, ran=ran,
+        status=status, peak=launch.counters.get("peak"), oom_kills=oom, leftovers=leftovers,
+        interrupted=interrupted, kept_leftovers=kept,
+    )
+
+
+def _close_keeper(launch: _Launch) -> None:
+    if launch.keeper_w >= 0:
+        os.close(launch.keeper_w)
+        launch.keeper_w = -1
+        try:
+            os.waitpid(launch.keeper, 0)
+        except ChildProcessError:
+            pass
+
+
+def _kill_launch(sd, launch: _Launch, cfg: Config, scope_started: bool = True) -> None:
+    """Undo a launch that failed half-way: nothing may keep running."""
+    for key in ("go_w", "err_r"):
+        fd = launch.counters.pop(key, None)
+        if fd is not None:
+            os.close(fd)  # the child sees EOF and exits without exec
+    if scope_started:
+        try:
+            sd.stop_unit(launch.scope, timeout=cfg.stop_timeout + 60)
+        except Exception:
+            pass
+    for pid in (launch.pid,):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    _close_keeper(launch)
+
+
+def _reap(entry: Entry, cfg: Config) -> bool:
+    """Stop the scope of a build whose buildgate died and whose main process
+    ended: its leftovers die and its reservation is freed."""
+    if not entry.scope:
+        return True
+    try:
+        from buildgate.systemd import Systemd
+
+        sd = Systemd()
+        try:
+            sd.stop_unit(entry.scope, timeout=cfg.stop_timeout + 60)
+        finally:
+            sd.close()
+        return True
+    except Exception:
+        return False
+
+
+def summary(res: RunResult) -> str:
+    """The one-line report printed after every build."""
+    from buildgate.queue import format_duration
+
+    cap = format_size(res.mem)
+    peak = format_size(res.peak) if res.peak is not None else "unknown"
+    head = f"{res.name}: waited {format_duration(res.waited)}, ran {format_duration(res.ran)}, peak {peak} of {cap} cap"
+    if res.interrupted is not None:
+        result = f"interrupted by {signal.Signals(res.interrupted).name}: stopped the whole scope"
+    elif res.capped_kill:
+        result = (f"killed by its {cap} memory cap, peak {peak}: raise --mem or lower "
+                  f"the build's parallelism")
+    elif res.status < 0:
+        result = f"killed by {signal.Signals(-res.status).name}"
+    elif res.status == 0:
+        result = "ok"
+    else:
+        result = f"failed with exit {res.status}"
+    if res.oom_kills and not res.capped_kill:
+        result += f" (its cap OOM-killed {res.oom_kills} process(es) on the way)"
+    if res.kept_leftovers:
+        result += f"; kept {res.leftovers} leftover process(es) in {res.scope}, which hold the reservation"
+    elif res.leftovers:
+        result += f"; stopped {res.leftovers} leftover process(es)"
+    return f"{head}; {result}"

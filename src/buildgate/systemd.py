@@ -1,0 +1,200 @@
+"""Everything that talks to systemd: the only module that imports pystemd.
+
+It speaks D-Bus bytes so the rest of buildgate does not have to.  Like
+``systemd-run --scope``, root talks to systemd's private socket (no dbus-daemon
+needed); others use the system bus.  Method calls are synchronous; jobs
+(start/stop) are waited for through their JobRemoved signal, which systemd
+sends to the client that queued the job without any Subscribe().
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from buildgate.errors import InternalFailure, PermissionProblem, Unavailable
+
+_DEST = b"org.freedesktop.systemd1"
+_PATH = b"/org/freedesktop/systemd1"
+_MANAGER = b"org.freedesktop.systemd1.Manager"
+PRIVATE_SOCKET = "/run/systemd/private"
+_UINT64_MAX = 2**64 - 1
+
+_DENIED = (
+    b"org.freedesktop.DBus.Error.AccessDenied",
+    b"org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
+)
+
+
+def booted() -> bool:
+    """sd_booted(): is systemd the init system here?"""
+    return os.path.isdir("/run/systemd/system")
+
+
+@dataclass(frozen=True)
+class Prop:
+    name: str
+    signature: str
+    value: Any
+
+
+class Systemd:
+    def __init__(self) -> None:
+        try:
+            from pystemd.dbuslib import DBus, DBusAddress
+        except ImportError as exc:  # pragma: no cover - install problem
+            raise Unavailable(f"pystemd is not importable ({exc}): reinstall buildgate (pip install buildgate)") from None
+        if not booted():
+            raise Unavailable(
+                "systemd is not running as the init system here (no /run/systemd/system): "
+                "run buildgate on a systemd host"
+            )
+        if os.geteuid() == 0 and os.path.exists(PRIVATE_SOCKET):
+            self.bus = DBusAddress(b"unix:path=" + PRIVATE_SOCKET.encode(), peer_to_peer=True)
+        else:
+            self.bus = DBus()
+        try:
+            self.bus.open()
+        except Exception as exc:
+            raise Unavailable(
+                f"cannot connect to systemd over D-Bus ({_short(exc)}): check "
+                f"`systemctl is-system-running` and that dbus is running"
+            ) from None
+        self._removed: dict[bytes, bytes] = {}
+        self._matched = False
+
+    def close(self) -> None:
+        try:
+            self.bus.close()
+        except Exception:  # pragma: no cover - closing a dead bus
+            pass
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _call(self, method: bytes, signature: bytes, values: list[Any], path: bytes = _PATH,
+              interface: bytes = _MANAGER, extra: list[Any] | None = None) -> Any:
+        from pystemd.dbuslib import apply_signature
+
+        args = apply_signature(signature, values) if signature else []
+        if extra:
+            args += extra
+        try:
+            return self.bus.call_method(_DEST, path, interface, method, args).body
+        except Exception as exc:
+            # pystemd maps D-Bus error names to classes (DBusAccessDeniedError,
+            # ...) and keeps the name only on its base class.
+            name = getattr(exc, "err_name", b"") or type(exc).__name__
+            if isinstance(name, str):
+                name = name.encode()
+            if name in _DENIED or b"AccessDenied" in name or b"InteractiveAuthorization" in name:
+                raise PermissionProblem(
+                    f"systemd refused {method.decode()} ({_short(exc)}): run as root "
+                    f"(non-root callers need buildgate setup)"
+                ) from None
+            raise _BusError(name, _short(exc)) from None
+
+    def _watch_jobs(self) -> None:
+        if self._matched:
+            return
+        removed = self._removed
+
+        # A plain function: pystemd stores metadata on the callback object,
+        # which a bound method cannot carry.
+        def on_job_removed(msg: Any, error: Any = None, userdata: Any = None) -> None:
+            msg.process_reply(False)
+            _id, job, _unit, result = msg.body
+            removed[job] = result
+
+        self._callback = on_job_removed  # keep it alive: pystemd holds a raw pointer
+        self.bus.match_signal(_DEST, _PATH, _MANAGER, b"JobRemoved", on_job_removed)
+        self._matched = True
+
+    def _wait_job(self, job: bytes, timeout: float) -> bytes:
+        """Dispatch bus messages until ``job`` is removed; return its result."""
+        deadline = time.monotonic() + timeout
+        while job not in self._removed:
+            while True:  # drain whatever is queued, running the match callback
+                msg = self.bus.process()
+                if msg.is_empty():
+                    break
+            if job in self._removed:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Unavailable(f"systemd did not finish job {job.decode()} in {timeout:.0f}s: check `systemctl list-jobs`")
+            self.bus.wait(int(min(left, 1.0) * 1_000_000))
+        return self._removed.pop(job)
+
+    # -- what buildgate needs ------------------------------------------------
+
+    def version(self) -> str:
+        body = self.bus.get_property(_DEST, _PATH, _MANAGER, b"Version", b"s")
+        return body.decode() if isinstance(body, bytes) else str(body)
+
+    def slice_memory_max(self, slice_name: str) -> int | None:
+        """MemoryMax= of a slice (unit file or runtime), or None when unlimited."""
+        try:
+            path = self._call(b"LoadUnit", b"s", [slice_name.encode()])
+            value = self.bus.get_property(_DEST, path, b"org.freedesktop.systemd1.Slice", b"MemoryMax", b"t")
+        except _BusError:
+            return None
+        value = int(value)
+        return None if value in (0, _UINT64_MAX) else value
+
+    def start_scope(self, name: str, pid: int, props: list[Prop], timeout: float = 30.0,
+                    extra_pids: list[int] | None = None) -> None:
+        """StartTransientUnit(scope with ``pid`` in it) and wait for the job."""
+        from pystemd.dbuslib import apply_signature
+
+        self._watch_jobs()
+        array: list[Any] = [(ord("a"), b"(sv)")]
+        for prop in [*props, Prop("PIDs", "au", [pid, *(extra_pids or [])])]:
+            sig = prop.signature.encode()
+            array += [(ord("r"), b"sv"), (ord("s"), prop.name.encode()), (ord("v"), sig)]
+            value = prop.value.encode() if isinstance(prop.value, str) else prop.value
+            array += apply_signature(sig, [value])
+            array += [(-1, None), (-1, None)]
+        array += [(-1, None)]
+        array += [(ord("a"), b"(sa(sv))"), (-1, None)]  # no auxiliary units
+        try:
+            job = self._call(b"StartTransientUnit", b"ss", [name.encode(), b"fail"], extra=array)
+        except _BusError as exc:
+            raise InternalFailure(f"systemd could not create scope {name}: {exc.message}") from None
+        result = self._wait_job(job, timeout)
+        if result != b"done":
+            raise InternalFailure(f"systemd could not start scope {name}: job {result.decode()} (see journalctl -u {name})")
+
+    def stop_unit(self, name: str, timeout: float = 120.0) -> None:
+        """StopUnit and wait until it is stopped; a unit already gone is fine."""
+        self._watch_jobs()
+        try:
+            job = self._call(b"StopUnit", b"ss", [name.encode(), b"replace"])
+        except _BusError as exc:
+            if b"NoSuchUnit" in exc.name or b"NoSuchUnit" in exc.message.encode():
+                return
+            raise InternalFailure(f"systemd could not stop {name}: {exc.message}") from None
+        self._wait_job(job, timeout)
+
+    def unit_active_state(self, name: str) -> str | None:
+        try:
+            path = self._call(b"GetUnit", b"s", [name.encode()])
+        except _BusError:
+            return None
+        value = self.bus.get_property(_DEST, path, b"org.freedesktop.systemd1.Unit", b"ActiveState", b"s")
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _BusError(Exception):
+    def __init__(self, name: bytes, message: str) -> None:
+        self.name = name or b""
+        self.message = message
+        super().__init__(message)
+
+
+def _short(exc: BaseException) -> str:
+    text = getattr(exc, "err_message", None) or str(exc)
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return " ".join(str(text).split())[:200]

@@ -1,0 +1,171 @@
+"""Integration fixtures: a real systemd, real cgroups, real processes.
+
+``tests/run`` boots systemd as PID 1 of a private namespace when the host has
+none and sets BUILDGATE_TEST_SYSTEMD; then a missing systemd is a failure, never
+a skip.  Run bare (plain ``pytest`` on a dev box without systemd) the suite is
+skipped with a pointer to ``tests/run``.
+
+Every test gets its own config, state directory and legacy lock; all use the
+slice ``bgtest.slice``, so a host's real builds and build.slice are untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+JOB = str(Path(__file__).with_name("job.py"))
+TEST_SLICE = "bgtest.slice"
+M = 1024**2
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(here):
+            item.add_marker(pytest.mark.systemd)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_systemd() -> None:
+    if os.path.isdir("/run/systemd/system"):
+        return
+    if os.environ.get("BUILDGATE_TEST_SYSTEMD") or os.environ.get("CI"):
+        pytest.fail("systemd is not running here although tests/run said it would be", pytrace=False)
+    pytest.skip("no systemd as init here: run the suite with `sudo tests/run`", allow_module_level=True)
+
+
+@dataclass
+class Gate:
+    root: Path
+    conf: Path
+    state: Path
+    legacy: Path
+    log: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["BUILDGATE_CONFIG"] = str(self.conf)
+        env.pop("BUILDGATE_DEBUG", None)
+        env.update(extra)
+        return env
+
+    def cmd(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "buildgate", *args]
+
+    def run(self, *args: str, timeout: float = 90, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(self.cmd(*args), env=self.env(), capture_output=True, text=True,
+                              timeout=timeout, **kw)
+
+    def popen(self, *args: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.cmd(*args), env=self.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, **kw)
+
+    def job(self, label: str, *opts: str) -> list[str]:
+        return [sys.executable, JOB, str(self.log), label, *opts]
+
+    def status(self) -> list[dict]:
+        out = self.run("status", "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def wait_queue(self, count: int, timeout: float = 30) -> list[dict]:
+        """Wait until the queue holds ``count`` tickets."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = self.status()
+            if len(entries) == count:
+                return entries
+            if time.monotonic() > deadline:
+                raise AssertionError(f"queue has {len(entries)} tickets, not {count}: {entries}")
+            time.sleep(0.05)
+
+    def wait_log(self, needle: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.events_text():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle!r} never logged: {self.events_text()}")
+            time.sleep(0.02)
+
+    def events_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def events(self) -> list[tuple[str, str, float, int]]:
+        rows = []
+        for line in self.events_text().splitlines():
+            kind, label, t, pid = line.split()
+            rows.append((kind, label, float(t), int(pid)))
+        return rows
+
+    def intervals(self) -> dict[str, tuple[float, float]]:
+        start = {l: t for k, l, t, _ in self.events() if k == "start"}
+        end = {l: t for k, l, t, _ in self.events() if k == "end"}
+        return {l: (start[l], end.get(l, float("inf"))) for l in start}
+
+    def start_order(self) -> list[str]:
+        return [l for k, l, _, _ in sorted(self.events(), key=lambda r: r[2]) if k == "start"]
+
+
+def write_conf(path: Path, state: Path, legacy: Path, **extra: object) -> None:
+    values = {
+        "budget": "400M",
+        "slice": TEST_SLICE,
+        "state_dir": str(state),
+        "legacy_lock": str(legacy),
+        "stop_timeout": 2,
+        "wait": 120,
+    }
+    values.update(extra)
+    lines = []
+    for key, value in values.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Gate:
+    state = tmp_path / "state"
+    legacy = tmp_path / "legacy.lock"
+    conf = tmp_path / "buildgate.conf"
+    write_conf(conf, state, legacy)
+    g = Gate(root=tmp_path, conf=conf, state=state, legacy=legacy, log=tmp_path / "events.log")
+    yield g
+    # Nothing a test started may outlive it: stopping the test slice stops every
+    # scope in it (and only those).
+    subprocess.run(["systemctl", "stop", TEST_SLICE], capture_output=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass

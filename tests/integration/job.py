@@ -1,0 +1,57 @@
+"""A stand-in build for the integration tests.
+
+    job.py LOG LABEL [--until FILE] [--sleep S] [--alloc MB] [--daemon PIDFILE] [--exit N]
+
+Appends "start LABEL t" / "end LABEL t" to LOG (O_APPEND, one write per line),
+optionally touches MB megabytes, leaves a daemon behind, waits for FILE to exist
+or sleeps, then exits with N.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+
+def log(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{text} {time.time():.6f} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str]) -> int:
+    logfile, label = argv[0], argv[1]
+    opts = dict(zip(argv[2::2], argv[3::2]))
+    log(logfile, f"start {label}")
+    if "--alloc" in opts:
+        block = bytearray(int(opts["--alloc"]) * 1024 * 1024)
+        for i in range(0, len(block), 4096):  # touch every page: really charge it
+            block[i] = 1
+    if "--daemon" in opts:
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            if os.fork() == 0:
+                with open(opts["--daemon"], "w") as fh:
+                    fh.write(str(os.getpid()))
+                os.closerange(0, 256)
+                time.sleep(1000)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        while not os.path.exists(opts["--daemon"]):
+            time.sleep(0.01)
+    if "--until" in opts:
+        deadline = time.time() + 120
+        while not os.path.exists(opts["--until"]) and time.time() < deadline:
+            time.sleep(0.02)
+    if "--sleep" in opts:
+        time.sleep(float(opts["--sleep"]))
+    log(logfile, f"end {label}")
+    return int(opts.get("--exit", "0"))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

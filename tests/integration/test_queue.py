@@ -1,0 +1,213 @@
+"""The queue against real processes: order, overlap, timeouts, crashes, signals."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import time
+
+from .conftest import Gate, alive, kill, wait_gone
+
+
+def _overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def test_two_full_budget_builds_never_overlap(gate: Gate) -> None:
+    procs = [gate.popen("run", "--", *gate.job(label, "--sleep", "1")) for label in "ab"]
+    assert [p.wait(60) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+    iv = gate.intervals()
+    assert set(iv) == {"a", "b"}
+    assert not _overlaps(iv["a"], iv["b"]), iv
+
+
+def test_three_half_budget_builds_run_two_at_a_time(gate: Gate) -> None:
+    procs = [gate.popen("run", "--mem", "200M", "--", *gate.job(label, "--sleep", "1.5")) for label in "abc"]
+    assert [p.wait(60) for p in procs] == [0, 0, 0]
+    iv = gate.intervals()
+    pairs = [_overlaps(iv[x], iv[y]) for x, y in itertools.combinations("abc", 2)]
+    assert sum(pairs) >= 1, f"half-budget builds were serialized: {iv}"
+    # never three at once
+    for t, _ in iv.values():
+        assert sum(1 for s, e in iv.values() if s <= t < e) <= 2, iv
+
+
+def test_fifo_of_five_queued_builds_with_mixed_sizes(gate: Gate) -> None:
+    go = gate.root / "go"
+    # a: 300M runs and blocks the rest; then b (200M) is the head, and c (100M),
+    # which would fit next to a, must still not pass it.
+    sizes = {"a": "300M", "b": "200M", "c": "100M", "d": "400M", "e": "100M"}
+    procs = {}
+    for n, (label, mem) in enumerate(sizes.items(), start=1):
+        procs[label] = gate.popen("run", "--mem", mem, "--name", label, "--",
+                                  *gate.job(label, "--until", str(go) + label))
+        gate.wait_queue(n)
+    assert gate.start_order() == ["a"]
+    time.sleep(0.5)
+    assert gate.start_order() == ["a"], "a later, smaller build overtook the head of the queue"
+    for label in "abcde":
+        (gate.root / f"go{label}").touch()
+        gate.wait_log(f"end {label}")
+    assert all(p.wait(60) == 0 for p in procs.values())
+    assert gate.start_order() == list("abcde")
+    iv = gate.intervals()
+    mem = {k: int(v[:-1]) for k, v in sizes.items()}
+    for t, _ in iv.values():  # the budget held at every start
+        assert sum(mem[k] for k, (s, e) in iv.items() if s <= t < e) <= 400, iv
+
+
+def test_wait_timeout_gives_124_and_the_command_never_ran(gate: Gate) -> None:
+    hold = gate.popen("run", "--", *gate.job("h", "--until", str(gate.root / "go")))
+    gate.wait_log("start h")
+    marker = gate.root / "ran"
+    t0 = time.monotonic()
+    out = gate.run("run", "--wait", "1", "--", "touch", str(marker))
+    assert out.returncode == 124, out.stderr
+    assert time.monotonic() - t0 >= 1
+    assert "gave up waiting: needs 400M, 400M of 400M reserved by" in out.stderr
+    assert not marker.exists()
+    out = gate.run("run", "--wait", "0.2", "-E", "3", "--", "touch", str(marker))
+    assert out.returncode == 3 and not marker.exists()
+    assert len(gate.status()) == 1  # the timed-out tickets left the queue
+    (gate.root / "go").touch()
+    assert hold.wait(60) == 0
+
+
+def test_no_wait_gives_75_when_it_cannot_start_now(gate: Gate) -> None:
+    hold = gate.popen("run", "--mem", "300M", "--", *gate.job("h", "--until", str(gate.root / "go")))
+    gate.wait_log("start h")
+    marker = gate.root / "ran"
+    out = gate.run("run", "--no-wait", "--mem", "200M", "--", "touch", str(marker))
+    assert out.returncode == 75, out.stderr
+    assert "cannot start now" in out.stderr and not marker.exists()
+    # one that fits next to it starts at once
+    assert gate.run("run", "--no-wait", "--mem", "100M", "--", "touch", str(marker)).returncode == 0
+    assert marker.exists()
+    (gate.root / "go").touch()
+    assert hold.wait(60) == 0
+
+
+def test_waiting_line_names_the_holder(gate: Gate) -> None:
+    hold = gate.popen("run", "--name", "holder", "--", *gate.job("h", "--until", str(gate.root / "go")))
+    gate.wait_log("start h")
+    waiter = gate.popen("run", "--name", "waiter", "--", "true")
+    gate.wait_queue(2)
+    (gate.root / "go").touch()
+    assert hold.wait(60) == 0 and waiter.wait(60) == 0
+    err = waiter.stderr.read()
+    assert f"waiting: needs 400M, 400M of 400M reserved by holder (pid {hold.pid}) 400M running" in err, err
+
+
+def test_sigkill_of_a_waiting_buildgate_leaves_the_queue_clean(gate: Gate) -> None:
+    hold = gate.popen("run", "--", *gate.job("h", "--until", str(gate.root / "go")))
+    gate.wait_log("start h")
+    waiter = gate.popen("run", "--", *gate.job("w"))
+    gate.wait_queue(2)
+    kill(waiter)
+    waiter.wait(10)
+    assert len(gate.wait_queue(1)) == 1
+    (gate.root / "go").touch()
+    assert hold.wait(60) == 0
+    assert gate.run("run", "--no-wait", "--", *gate.job("next")).returncode == 0
+    assert "start w" not in gate.events_text()
+    assert os.listdir(gate.state / "q") == []  # nothing stale left behind
+
+
+def test_sigkill_of_a_running_buildgate_keeps_the_reservation_until_the_build_ends(gate: Gate, tmp_path) -> None:
+    go = gate.root / "go"
+    pidfile = tmp_path / "daemon.pid"
+    hold = gate.popen("run", "--name", "orphan", "--", *gate.job("h", "--daemon", str(pidfile), "--until", str(go)))
+    gate.wait_log("start h")
+    while not pidfile.exists():
+        time.sleep(0.02)
+    kill(hold)
+    hold.wait(10)
+    main_pid = [pid for kind, _, _, pid in gate.events() if kind == "start"][0]
+    assert alive(main_pid)
+    # The build still runs under its cap: nothing else may be admitted next to it.
+    out = gate.run("run", "--no-wait", "--", "true")
+    assert out.returncode == 75, out.stderr
+    assert "buildgate gone" in out.stderr
+    entries = gate.status()
+    assert len(entries) == 1 and entries[0]["orphan"] and entries[0]["main_pid"] == main_pid
+    # A queued build starts once the orphan's main process exits, and its
+    # leftover daemon is stopped with the scope.
+    waiter = gate.popen("run", "--", *gate.job("next"))
+    gate.wait_queue(2)
+    time.sleep(0.3)
+    assert "start next" not in gate.events_text()
+    go.touch()
+    assert waiter.wait(60) == 0, waiter.stderr.read()
+    assert gate.intervals()["next"][0] >= gate.intervals()["h"][1]
+    assert wait_gone(int(pidfile.read_text()), 15), "the orphan's leftover daemon survived"
+    assert gate.status() == []
+
+
+def _pids_in_log(gate: Gate) -> list[int]:
+    return [pid for kind, _, _, pid in gate.events() if kind == "start"]
+
+
+def test_sigint_and_sigterm_stop_the_whole_scope(gate: Gate, tmp_path) -> None:
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        pidfile = tmp_path / f"d{sig}.pid"
+        p = gate.popen("run", "--", *gate.job(f"s{sig}", "--daemon", str(pidfile), "--until", str(tmp_path / "never")))
+        gate.wait_log(f"start s{sig}")
+        while not pidfile.exists():
+            time.sleep(0.02)
+        p.send_signal(sig)
+        assert p.wait(30) == code
+        err = p.stderr.read()
+        assert f"interrupted by {signal.Signals(sig).name}: stopped the whole scope" in err, err
+        assert wait_gone(int(pidfile.read_text()), 10)
+        assert wait_gone(_pids_in_log(gate)[-1], 10)
+    assert gate.status() == []
+
+
+def test_github_actions_cancel_leaves_no_process_behind(gate: Gate, tmp_path) -> None:
+    """SIGINT, then SIGTERM 7.5 s later, then SIGKILL - against a build that
+    ignores SIGINT and SIGTERM.  stop_timeout (2 s here) escalates to SIGKILL."""
+    script = "trap '' INT TERM; sleep 1000 & sleep 1000 & echo started >> %s; wait; wait" % (tmp_path / "s")
+    p = gate.popen("run", "--", "sh", "-c", script)
+    while not (tmp_path / "s").exists():
+        time.sleep(0.02)
+    scope_pids = subprocess.run(["pgrep", "-f", "^sleep 1000$"], capture_output=True, text=True).stdout.split()
+    assert len(scope_pids) >= 2
+    p.send_signal(signal.SIGINT)
+    try:
+        p.wait(7.5)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(2.5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    for pid in scope_pids:
+        assert wait_gone(int(pid), 15), f"pid {pid} survived the cancel"
+
+
+def test_interop_with_plain_flock_on_the_legacy_path(gate: Gate) -> None:
+    log = gate.log
+    legacy_job = f"echo start L $(date +%s.%N) $$ >> {log}; sleep 1; echo end L $(date +%s.%N) $$ >> {log}"
+    # legacy first, buildgate second
+    legacy = subprocess.Popen(["flock", str(gate.legacy), "sh", "-c", legacy_job])
+    gate.wait_log("start L")
+    bg = gate.popen("run", "--mem", "100M", "--", *gate.job("b"))
+    assert bg.wait(60) == 0 and legacy.wait(60) == 0
+    iv = gate.intervals()
+    assert iv["b"][0] >= iv["L"][1], iv
+    # buildgate first, legacy second
+    gate.log.unlink()
+    bg = gate.popen("run", "--mem", "100M", "--", *gate.job("b", "--sleep", "1"))
+    gate.wait_log("start b")
+    legacy = subprocess.Popen(["flock", str(gate.legacy), "sh", "-c", legacy_job])
+    assert bg.wait(60) == 0 and legacy.wait(60) == 0
+    iv = gate.intervals()
+    assert iv["L"][0] >= iv["b"][1], iv
+    # and a legacy holder makes --no-wait fail fast
+    legacy = subprocess.Popen(["flock", str(gate.legacy), "sleep", "2"])
+    time.sleep(0.3)
+    assert gate.run("run", "--no-wait", "--", "true").returncode == 75
+    legacy.wait(30)

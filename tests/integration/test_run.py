@@ -1,0 +1,126 @@
+"""buildgate run against a real systemd: caps, exit codes, leftovers."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from .conftest import M, Gate, alive, wait_gone
+
+
+def test_build_under_its_cap_passes_and_reports_peak(gate: Gate) -> None:
+    out = gate.run("run", "--mem", "200M", "--name", "small", "--", *gate.job("a", "--alloc", "60"))
+    assert out.returncode == 0, out.stderr
+    m = re.search(r"small: waited \S+, ran \S+, peak (\S+) of 200M cap; ok", out.stderr)
+    assert m, out.stderr
+    peak = m.group(1)
+    assert peak.endswith("M"), peak
+    assert 60 <= float(peak[:-1]) < 200, out.stderr
+
+
+def test_build_over_its_cap_is_oom_killed_with_the_message_and_137(gate: Gate) -> None:
+    out = gate.run("run", "--mem", "100M", "--name", "hog", "--", *gate.job("a", "--alloc", "400"))
+    assert out.returncode == 137, out.stderr
+    assert "killed by its 100M memory cap, peak " in out.stderr
+    assert "raise --mem or lower the build's parallelism" in out.stderr
+    assert "end a" not in gate.events_text()
+
+
+def test_the_build_really_runs_in_a_capped_scope_in_the_slice(gate: Gate) -> None:
+    # The build reads its own cgroup (mountinfo-aware, so it also works inside
+    # the sandbox's cgroup namespace) and the kernel's limit there.
+    probe = (
+        "import os; from buildgate.cgroup import MemoryCgroup\n"
+        "cg = MemoryCgroup.of_pid(os.getpid())\n"
+        "print(cg.path, cg.limit(), os.path.isdir(cg.dir))\n"
+    )
+    out = gate.run("run", "--mem", "150M", "--name", "probe", "--", sys.executable, "-c", probe)
+    assert out.returncode == 0, out.stderr
+    path, limit, exists = out.stdout.split()
+    assert exists == "True"
+    assert re.fullmatch(r".*/bgtest\.slice/buildgate-probe-\d+\.scope", path), path
+    assert int(limit) == 150 * M
+
+
+def test_exit_status_passes_through(gate: Gate) -> None:
+    assert gate.run("run", "--", "sh", "-c", "exit 7").returncode == 7
+    assert gate.run("run", "--", "true").returncode == 0
+    out = gate.run("run", "--", "false")
+    assert out.returncode == 1 and "failed with exit 1" in out.stderr
+
+
+def test_signal_death_is_128_plus_n(gate: Gate) -> None:
+    out = gate.run("run", "--", "sh", "-c", "kill -USR1 $$")
+    assert out.returncode == 128 + 10, out.stderr
+    assert "killed by SIGUSR1" in out.stderr
+    assert gate.run("run", "--", "sh", "-c", "kill -TERM $$").returncode == 143
+
+
+def test_command_not_found_is_127_and_not_executable_is_126(gate: Gate, tmp_path) -> None:
+    out = gate.run("run", "--", "no-such-command-xyz")
+    assert out.returncode == 127
+    assert "command not found: no-such-command-xyz" in out.stderr
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o644)
+    out = gate.run("run", "--", str(script))
+    assert out.returncode == 126, out.stderr
+    assert "cannot execute" in out.stderr
+    assert gate.status() == []  # the reservation went with it
+
+
+def test_dash_dash_is_optional_before_a_plain_command(gate: Gate) -> None:
+    out = gate.run("run", "--mem", "50M", "sh", "-c", "echo $0 $1", "x", "-y")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "x -y"
+
+
+def test_stdin_stdout_stderr_are_the_builds(gate: Gate) -> None:
+    out = gate.run("run", "--", "sh", "-c", "cat; echo err >&2", input="piped\n")
+    assert out.stdout == "piped\n"
+    assert "err\n" in out.stderr
+
+
+def test_sigpipe_is_default_in_the_build(gate: Gate) -> None:
+    # Python ignores SIGPIPE; a build must not inherit that (yes | head would hang).
+    out = gate.run("run", "--", "sh", "-c", "yes | head -n 2", timeout=30)
+    assert out.returncode == 0 and out.stdout == "y\ny\n"
+
+
+def test_a_daemonizing_builds_leftover_is_killed(gate: Gate, tmp_path) -> None:
+    pidfile = tmp_path / "daemon.pid"
+    out = gate.run("run", "--", *gate.job("d", "--daemon", str(pidfile)))
+    assert out.returncode == 0, out.stderr
+    daemon = int(pidfile.read_text())
+    assert wait_gone(daemon, 10), "the leftover daemon survived its build"
+    assert "stopped 1 leftover process(es)" in out.stderr
+
+
+def test_keep_leftovers_keeps_them_and_their_reservation(gate: Gate, tmp_path) -> None:
+    pidfile = tmp_path / "daemon.pid"
+    out = gate.run("run", "--keep-leftovers", "--", *gate.job("d", "--daemon", str(pidfile)))
+    assert out.returncode == 0, out.stderr
+    daemon = int(pidfile.read_text())
+    assert alive(daemon)
+    assert "kept 1 leftover process(es)" in out.stderr
+    # the daemon still lives in the capped scope and holds the whole budget
+    assert gate.run("run", "--no-wait", "--", "true").returncode == 75
+    os.kill(daemon, 9)
+    assert wait_gone(daemon)
+    out = gate.run("run", "--wait", "60", "--", "true")
+    assert out.returncode == 0, out.stderr
+
+
+def test_waiting_costs_no_systemd_until_admitted(gate: Gate) -> None:
+    """The scope is created only after admission: a queued build has none."""
+    hold = gate.popen("run", "--name", "holder", "--", *gate.job("h", "--until", str(gate.root / "go")))
+    gate.wait_log("start h")
+    waiter = gate.popen("run", "--name", "waiter", "--", "true")
+    gate.wait_queue(2)
+    units = subprocess.run(["systemctl", "list-units", "--plain", "--no-legend", "buildgate-waiter-*"],
+                           capture_output=True, text=True).stdout
+    assert units.strip() == ""
+    (gate.root / "go").touch()
+    assert hold.wait(60) == 0 and waiter.wait(60) == 0
