@@ -160,7 +160,7 @@ class _Signals:
         os.close(self.wfd)
 
 
-def _child(argv: list[str], go_r: int, err_w: int, wakeup_fd: int) -> None:
+def _child(argv: list[str], env: dict[str, str], go_r: int, err_w: int, wakeup_fd: int) -> None:
     """The build's main process, before exec.  Never returns."""
     try:
         signal.set_wakeup_fd(-1)
@@ -173,7 +173,7 @@ def _child(argv: list[str], go_r: int, err_w: int, wakeup_fd: int) -> None:
         go = os.read(go_r, 1)
         if go != b"1":  # buildgate died or gave up before the scope existed
             os._exit(125)
-        os.execvp(argv[0], argv)
+        os.execvpe(argv[0], argv, env)
     except OSError as exc:
         try:
             os.write(err_w, f"{exc.errno}".encode())
@@ -215,6 +215,8 @@ class _Launch:
     cgroup: object | None = None
     started: float = 0.0
     counters: dict = field(default_factory=dict)
+    #: set once waitpid() returned for pid: its number may belong to someone else now
+    reaped: bool = False
 
 
 def run(cfg: Config, req: RunRequest, hooks: Hooks | None = None) -> RunResult:
@@ -288,12 +290,21 @@ def run(cfg: Config, req: RunRequest, hooks: Hooks | None = None) -> RunResult:
 
 
 def _launch(sd, cfg: Config, req: RunRequest, ticket, scope: str, mem: int, cgv: int, sigs: _Signals) -> _Launch:
+    # What the build may want to know, e.g. to size its parallelism to its cap
+    # (NODE_OPTIONS=--max-old-space-size, make -j).
+    env = dict(os.environ)
+    env.update(
+        BUILDGATE_SCOPE=scope,
+        BUILDGATE_MEM=str(mem),
+        BUILDGATE_TICKET=str(ticket.seq),
+        BUILDGATE_ADMITTED=f"{ticket.entry.t_admitted or time.time():.6f}",
+    )
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe()
     keep_r, keep_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
-        _child(req.argv, go_r, err_w, sigs.wfd)
+        _child(req.argv, env, go_r, err_w, sigs.wfd)
     keeper = os.fork()
     if keeper == 0:  # pragma: no cover - runs in the keeper
         _keeper(keep_r)
@@ -329,6 +340,7 @@ def _release_child(launch: _Launch, argv: list[str]) -> None:
     launch.started = time.monotonic()
     if data:
         os.waitpid(launch.pid, 0)
+        launch.reaped = True
         code = int(data.decode() or 0)
         if code == errno.ENOENT:
             raise CommandNotFound(argv[0])
@@ -355,6 +367,8 @@ def _wait_main(sd, launch: _Launch, sigs: _Signals, cfg: Config) -> int:
         while True:
             if sigs.pending is not None and not stopping:
                 stopping = True
+                _note_counters(launch)
+                _close_keeper(launch)  # it ignores SIGTERM: let it go first
                 sd.stop_unit(launch.scope, timeout=cfg.stop_timeout + 60)
             rlist = [sigs.rfd] + ([pfd] if pfd is not None else []) + ([ino.fileno()] if ino else [])
             timeout = None if pfd is not None else 0.2  # no pidfd (old kernel): poll waitpid
@@ -371,6 +385,7 @@ def _wait_main(sd, launch: _Launch, sigs: _Signals, cfg: Config) -> int:
                 continue
             done, status = os.waitpid(launch.pid, os.WNOHANG if pfd is None else 0)
             if done:
+                launch.reaped = True
                 return os.waitstatus_to_exitcode(status)
     finally:
         if pfd is not None:
@@ -404,8 +419,10 @@ def _finish(sd, cfg, req, ticket, launch, name, mem, waited, ran, status, interr
         # The leftovers now keep the reservation (queue._orphan_verdict).
         ticket.detach()
     else:
-        sd.stop_unit(launch.scope, timeout=cfg.stop_timeout + 60)
+        # The keeper ignores SIGTERM; stopping with it inside would cost a full
+        # stop_timeout before SIGKILL.  The counters are read, so let it go.
         _close_keeper(launch)
+        sd.stop_unit(launch.scope, timeout=cfg.stop_timeout + 60)
     oom = launch.counters.get("oom", 0)
     if interrupted is not None:
         code = 128 + interrupted
@@ -438,21 +455,22 @@ def _kill_launch(sd, launch: _Launch, cfg: Config, scope_started: bool = True) -
         fd = launch.counters.pop(key, None)
         if fd is not None:
             os.close(fd)  # the child sees EOF and exits without exec
-    if scope_started:
+    if not launch.reaped:
         try:
-            sd.stop_unit(launch.scope, timeout=cfg.stop_timeout + 60)
-        except Exception:
-            pass
-    for pid in (launch.pid,):
-        try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(launch.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         try:
-            os.waitpid(pid, 0)
+            os.waitpid(launch.pid, 0)
         except ChildProcessError:
             pass
+        launch.reaped = True
     _close_keeper(launch)
+    if scope_started:
+        try:  # anything the build started before it failed goes too
+            sd.stop_unit(launch.scope, timeout=cfg.stop_timeout + 60)
+        except Exception:
+            pass
 
 
 def _reap(entry: Entry, cfg: Config) -> bool:

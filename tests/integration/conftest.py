@@ -106,12 +106,19 @@ class Gate:
         return rows
 
     def intervals(self) -> dict[str, tuple[float, float]]:
-        start = {l: t for k, l, t, _ in self.events() if k == "start"}
+        # from admission: a build owns its reservation from then on
+        start = {l: t for k, l, t, _ in self.events() if k == "admit"}
+        start.update({l: t for k, l, t, _ in self.events() if k == "start" and l not in start})
         end = {l: t for k, l, t, _ in self.events() if k == "end"}
         return {l: (start[l], end.get(l, float("inf"))) for l in start}
 
     def start_order(self) -> list[str]:
-        return [l for k, l, _, _ in sorted(self.events(), key=lambda r: r[2]) if k == "start"]
+        """Order of admission (BUILDGATE_ADMITTED), which the queue serializes;
+        process start times can race between builds admitted together."""
+        return [l for k, l, _, _ in sorted(self.events(), key=lambda r: r[2]) if k == "admit"]
+
+    def admitted(self) -> dict[str, float]:
+        return {l: t for k, l, t, _ in self.events() if k == "admit"}
 
 
 def write_conf(path: Path, state: Path, legacy: Path, **extra: object) -> None:

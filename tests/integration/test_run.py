@@ -34,12 +34,13 @@ def test_the_build_really_runs_in_a_capped_scope_in_the_slice(gate: Gate) -> Non
     probe = (
         "import os; from buildgate.cgroup import MemoryCgroup\n"
         "cg = MemoryCgroup.of_pid(os.getpid())\n"
-        "print(cg.path, cg.limit(), os.path.isdir(cg.dir))\n"
+        "print(cg.path, cg.limit(), os.path.isdir(cg.dir), os.environ['BUILDGATE_MEM'], os.environ['BUILDGATE_SCOPE'])\n"
     )
     out = gate.run("run", "--mem", "150M", "--name", "probe", "--", sys.executable, "-c", probe)
     assert out.returncode == 0, out.stderr
-    path, limit, exists = out.stdout.split()
+    path, limit, exists, env_mem, env_scope = out.stdout.split()
     assert exists == "True"
+    assert int(env_mem) == 150 * M and path.endswith("/" + env_scope)
     assert re.fullmatch(r".*/bgtest\.slice/buildgate-probe-\d+\.scope", path), path
     assert int(limit) == 150 * M
 
