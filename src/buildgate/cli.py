@@ -109,7 +109,8 @@ def run(config_path: str | None, mem: str | None, wait: float | None, no_wait: b
         raise UsageError("--wait and --no-wait contradict each other: give one of them")
     from buildgate.config import load_config
     from buildgate.queue import describe
-    from buildgate.runner import Hooks, RunRequest, run as do_run, summary
+    from buildgate.runner import Hooks, RunRequest, summary
+    from buildgate.runner import run as do_run
 
     cfg = load_config(config_path)
     tty = sys.stderr.isatty()
@@ -156,9 +157,8 @@ def status(config_path: str | None, as_json: bool) -> None:
     from buildgate.sizes import format_size
 
     cfg = load_config(config_path)
-    if not os.path.isdir(os.path.join(cfg.state_dir, "q")):
-        entries = []
-    else:
+    entries: list = []
+    if os.path.isdir(os.path.join(cfg.state_dir, "q")):  # no queue yet: nothing ran
         prepare_state_dir(cfg.state_dir)
         entries, _ = Queue(cfg.state_dir).snapshot()
     if as_json:

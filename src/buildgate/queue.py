@@ -427,7 +427,13 @@ class Ticket:
         ``deadline`` is a time.monotonic() value; 0 means do not wait at all
         (--no-wait).  Raises WouldBlock / QueueTimeout without ever admitting.
         """
-        from buildgate._inotify import IN_CLOSE_NOWRITE, IN_CLOSE_WRITE, IN_DELETE, IN_MOVED_TO, Inotify
+        from buildgate._inotify import (
+            IN_CLOSE_NOWRITE,
+            IN_CLOSE_WRITE,
+            IN_DELETE,
+            IN_MOVED_TO,
+            Inotify,
+        )
 
         ino = Inotify()
         ino.add(self.queue.qdir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_DELETE)

@@ -29,7 +29,7 @@ import select
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from buildgate import procs
 from buildgate.config import Config
@@ -42,6 +42,9 @@ from buildgate.errors import (
 )
 from buildgate.queue import RUNNING, STARTING, Decision, Entry, Queue, prepare_state_dir
 from buildgate.sizes import format_size, parse_size
+
+if TYPE_CHECKING:
+    from buildgate.cgroup import MemoryCgroup
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -135,7 +138,7 @@ class _Signals:
     def __init__(self) -> None:
         self.pending: int | None = None
         self.raising = True
-        self._old = {}
+        self._old: dict[int, Any] = {}
         self.rfd, self.wfd = os.pipe()
         os.set_blocking(self.wfd, False)
         os.set_blocking(self.rfd, False)
@@ -212,7 +215,7 @@ class _Launch:
     keeper: int
     keeper_w: int
     scope: str
-    cgroup: object | None = None
+    cgroup: MemoryCgroup | None = None
     started: float = 0.0
     counters: dict = field(default_factory=dict)
     #: set once waitpid() returned for pid: its number may belong to someone else now
@@ -228,8 +231,8 @@ def run(cfg: Config, req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         parse_size(req.mem, percent_of=1 << 40)  # syntax first: a typo beats a systemd error
 
     from buildgate import budget as budget_mod
-    from buildgate.systemd import booted
     from buildgate.errors import Unavailable
+    from buildgate.systemd import booted
 
     if not booted():
         raise Unavailable(

@@ -107,18 +107,18 @@ class Gate:
 
     def intervals(self) -> dict[str, tuple[float, float]]:
         # from admission: a build owns its reservation from then on
-        start = {l: t for k, l, t, _ in self.events() if k == "admit"}
-        start.update({l: t for k, l, t, _ in self.events() if k == "start" and l not in start})
-        end = {l: t for k, l, t, _ in self.events() if k == "end"}
-        return {l: (start[l], end.get(l, float("inf"))) for l in start}
+        start = {lab: t for k, lab, t, _ in self.events() if k == "admit"}
+        start.update({lab: t for k, lab, t, _ in self.events() if k == "start" and lab not in start})
+        end = {lab: t for k, lab, t, _ in self.events() if k == "end"}
+        return {lab: (start[lab], end.get(lab, float("inf"))) for lab in start}
 
     def start_order(self) -> list[str]:
         """Order of admission (BUILDGATE_ADMITTED), which the queue serializes;
         process start times can race between builds admitted together."""
-        return [l for k, l, _, _ in sorted(self.events(), key=lambda r: r[2]) if k == "admit"]
+        return [lab for k, lab, _, _ in sorted(self.events(), key=lambda r: r[2]) if k == "admit"]
 
     def admitted(self) -> dict[str, float]:
-        return {l: t for k, l, t, _ in self.events() if k == "admit"}
+        return {lab: t for k, lab, t, _ in self.events() if k == "admit"}
 
 
 def write_conf(path: Path, state: Path, legacy: Path, **extra: object) -> None:

@@ -12,7 +12,7 @@ from .conftest import Gate, write_conf
 
 
 def _one_line(stderr: str) -> str:
-    lines = [l for l in stderr.splitlines() if l.strip()]
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, stderr
     assert "Traceback" not in stderr
     assert lines[0].startswith("buildgate: ")

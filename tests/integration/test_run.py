@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from .conftest import M, Gate, alive, wait_gone
+from .conftest import Gate, M, alive, wait_gone
 
 
 def test_build_under_its_cap_passes_and_reports_peak(gate: Gate) -> None:
