@@ -122,7 +122,11 @@ def run(config_path: str | None, mem: str | None, wait: float | None, no_wait: b
         shown["waited"] = True
         line = "buildgate: " + describe(decision)  # type: ignore[arg-type]
         if tty:
-            width = os.get_terminal_size(sys.stderr.fileno()).columns if tty else 200
+            # one screen line, or the next \r would not overwrite all of it
+            try:
+                width = os.get_terminal_size(sys.stderr.fileno()).columns or 200
+            except OSError:
+                width = 200
             click.echo("\r\033[K" + line[: max(20, width - 1)], nl=False, err=True)
         else:
             click.echo(line, err=True)
@@ -131,7 +135,8 @@ def run(config_path: str | None, mem: str | None, wait: float | None, no_wait: b
         if shown["waited"] and tty:
             click.echo("", err=True)
 
-    hooks = Hooks(waiting=waiting, refresh=1.0 if tty else 60.0, admitted=admitted)
+    hooks = Hooks(waiting=waiting, refresh=1.0 if tty else 60.0, admitted=admitted,
+                  warn=lambda text: _say(f"warning: {text}"))
     req = RunRequest(argv=list(command), mem=mem, wait=wait, no_wait=no_wait, name=name,
                      keep_leftovers=keep_leftovers)
     try:

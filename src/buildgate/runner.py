@@ -163,9 +163,16 @@ class _Signals:
         os.close(self.wfd)
 
 
-def _child(argv: list[str], env: dict[str, str], go_r: int, err_w: int, wakeup_fd: int) -> None:
+def _child(argv: list[str], env: dict[str, str], go_r: int, err_w: int, wakeup_fd: int,
+           legacy_fd: int | None) -> None:
     """The build's main process, before exec.  Never returns."""
     try:
+        if legacy_fd is not None:
+            # The build's processes hold the shared legacy lock too, so a plain
+            # `flock` script stays excluded even if buildgate itself is killed
+            # mid-build.  It cannot leak: every process in the scope dies when
+            # the scope is stopped.
+            os.set_inheritable(legacy_fd, True)
         signal.set_wakeup_fd(-1)
         os.close(wakeup_fd)
         # Python ignores SIGPIPE and SIGXFSZ; exec keeps ignored signals, and a
@@ -277,6 +284,8 @@ def run(cfg: Config, req: RunRequest, hooks: Hooks | None = None) -> RunResult:
             try:
                 cg = MemoryCgroup.of_pid(launch.pid, layout)
                 launch.cgroup = cg
+                if cg is not None and layout.version == 1:
+                    _v1_no_swap(cg, mem, hooks)
                 ticket.update(state=RUNNING, cgroup=cg.path if cg else None)
                 _release_child(launch, req.argv)
                 status = _wait_main(sd, launch, sigs, cfg)
@@ -307,7 +316,7 @@ def _launch(sd, cfg: Config, req: RunRequest, ticket, scope: str, mem: int, cgv:
     keep_r, keep_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
-        _child(req.argv, env, go_r, err_w, sigs.wfd)
+        _child(req.argv, env, go_r, err_w, sigs.wfd, ticket.legacy_fd)
     keeper = os.fork()
     if keeper == 0:  # pragma: no cover - runs in the keeper
         _keeper(keep_r)
@@ -326,6 +335,21 @@ def _launch(sd, cfg: Config, req: RunRequest, ticket, scope: str, mem: int, cgv:
         _kill_launch(sd, launch, cfg, scope_started=False)
         raise
     return launch
+
+
+def _v1_no_swap(cg: MemoryCgroup, mem: int, hooks: Hooks) -> None:
+    """cgroup v1: systemd ignores MemorySwapMax=, so with swap on a build would
+    spill into swap instead of being killed at its cap.  Cap memory+swap at the
+    same value ourselves (only where swap accounting exists)."""
+    path = os.path.join(cg.dir, "memory.memsw.limit_in_bytes")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, "w") as fh:
+            fh.write(str(mem))
+    except OSError as exc:
+        if hooks.warn:
+            hooks.warn(f"could not cap swap use of the build ({exc.strerror}); with swap on, it may swap instead of being stopped at its cap")
 
 
 def _release_child(launch: _Launch, argv: list[str]) -> None:

@@ -132,6 +132,8 @@ def test_sigkill_of_a_running_buildgate_keeps_the_reservation_until_the_build_en
     assert "buildgate gone" in out.stderr
     entries = gate.status()
     assert len(entries) == 1 and entries[0]["orphan"] and entries[0]["main_pid"] == main_pid
+    # and plain flock scripts stay excluded: the build's processes hold the legacy lock
+    assert subprocess.run(["flock", "-n", str(gate.legacy), "true"]).returncode == 1
     # A queued build starts once the orphan's main process exits, and its
     # leftover daemon is stopped with the scope.
     waiter = gate.popen("run", "--", *gate.job("next"))
@@ -143,6 +145,7 @@ def test_sigkill_of_a_running_buildgate_keeps_the_reservation_until_the_build_en
     assert gate.intervals()["next"][0] >= gate.intervals()["h"][1]
     assert wait_gone(int(pidfile.read_text()), 15), "the orphan's leftover daemon survived"
     assert gate.status() == []
+    assert subprocess.run(["flock", "-n", str(gate.legacy), "true"]).returncode == 0
 
 
 def _pids_in_log(gate: Gate) -> list[int]:
@@ -211,3 +214,30 @@ def test_interop_with_plain_flock_on_the_legacy_path(gate: Gate) -> None:
     time.sleep(0.3)
     assert gate.run("run", "--no-wait", "--", "true").returncode == 75
     legacy.wait(30)
+
+
+def test_a_waiting_buildgate_has_not_loaded_pystemd_or_psutil(gate: Gate) -> None:
+    hold = gate.popen("run", "--", *gate.job("h", "--until", str(gate.root / "go")))
+    gate.wait_log("start h")
+    waiter = gate.popen("run", "--", "true")
+    gate.wait_queue(2)
+    maps = open(f"/proc/{waiter.pid}/maps").read()
+    assert "pystemd" not in maps and "psutil" not in maps
+    (gate.root / "go").touch()
+    assert hold.wait(60) == 0 and waiter.wait(60) == 0
+
+
+def test_on_a_terminal_the_waiting_line_is_refreshed_in_place(gate: Gate) -> None:
+    hold = gate.popen("run", "--name", "holder", "--", *gate.job("h", "--until", str(gate.root / "go")))
+    gate.wait_log("start h")
+    inner = " ".join(gate.cmd("run", "--name", "tty", "--", "true"))
+    # script(1) gives the waiter a pseudo-terminal
+    waiter = subprocess.Popen(["script", "-qfec", inner, "/dev/null"], env=gate.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    gate.wait_queue(2)
+    time.sleep(2.5)  # long enough for at least one refresh (1 s on a TTY)
+    (gate.root / "go").touch()
+    out = waiter.communicate(timeout=60)[0].decode()
+    assert hold.wait(60) == 0 and waiter.returncode == 0, out
+    assert out.count("\r\x1b[Kbuildgate: waiting: needs 400M") >= 2, repr(out)
+    assert "tty: waited" in out

@@ -34,11 +34,15 @@ def test_the_build_really_runs_in_a_capped_scope_in_the_slice(gate: Gate) -> Non
     probe = (
         "import os; from buildgate.cgroup import MemoryCgroup\n"
         "cg = MemoryCgroup.of_pid(os.getpid())\n"
-        "print(cg.path, cg.limit(), os.path.isdir(cg.dir), os.environ['BUILDGATE_MEM'], os.environ['BUILDGATE_SCOPE'])\n"
+        "sw = os.path.join(cg.dir, 'memory.memsw.limit_in_bytes')\n"
+        "swap = open(sw).read().strip() if os.path.exists(sw) else '-'\n"
+        "print(cg.path, cg.limit(), os.path.isdir(cg.dir), os.environ['BUILDGATE_MEM'], os.environ['BUILDGATE_SCOPE'], swap)\n"
     )
     out = gate.run("run", "--mem", "150M", "--name", "probe", "--", sys.executable, "-c", probe)
     assert out.returncode == 0, out.stderr
-    path, limit, exists, env_mem, env_scope = out.stdout.split()
+    path, limit, exists, env_mem, env_scope, swap = out.stdout.split()
+    if swap != "-":  # cgroup v1 with swap accounting: memory+swap capped too
+        assert int(swap) == 150 * M
     assert exists == "True"
     assert int(env_mem) == 150 * M and path.endswith("/" + env_scope)
     assert re.fullmatch(r".*/bgtest\.slice/buildgate-probe-\d+\.scope", path), path
