@@ -93,11 +93,15 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 @click.option("--keep-leftovers", is_flag=True,
               help="Do not stop the build's leftover processes when it exits; they keep its "
                    "reservation until they end.")
+@click.option("--backend", type=click.Choice(["auto", "systemd", "cgroupfs", "none"]), default=None,
+              help="How to cap the build (default: backend= in the config, auto: systemd if it is "
+                   "init, else a writable memory cgroup, else none = UNCAPPED, with a warning).")
 @click.option("-q", "--quiet", is_flag=True, help="No status lines; the summary only when the build fails.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 def run(config_path: str | None, mem: str | None, wait: float | None, no_wait: bool, name: str | None,
-        conflict_exit_code: int, keep_leftovers: bool, quiet: bool, command: tuple[str, ...]) -> None:
+        conflict_exit_code: int, keep_leftovers: bool, backend: str | None, quiet: bool,
+        command: tuple[str, ...]) -> None:
     """Run COMMAND once there is room for it, capped at --mem, in build.slice.
 
     \b
@@ -138,7 +142,7 @@ def run(config_path: str | None, mem: str | None, wait: float | None, no_wait: b
     hooks = Hooks(waiting=waiting, refresh=1.0 if tty else 60.0, admitted=admitted,
                   warn=lambda text: _say(f"warning: {text}"))
     req = RunRequest(argv=list(command), mem=mem, wait=wait, no_wait=no_wait, name=name,
-                     keep_leftovers=keep_leftovers)
+                     keep_leftovers=keep_leftovers, backend=backend)
     try:
         result = do_run(cfg, req, hooks)
     finally:

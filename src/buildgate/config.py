@@ -39,6 +39,12 @@ class Config:
     #: so that a CI cancel (SIGINT, SIGTERM 7.5 s later, then SIGKILL) leaves
     #: nothing behind.
     stop_timeout: float = 5.0
+    #: How builds are capped: "auto" (systemd if it is init, else cgroupfs if a
+    #: memory cgroup is writable, else none), "systemd", "cgroupfs" or "none".
+    backend: str = "auto"
+    #: cgroupfs backend: the cgroup directory slices are made under ("" = the
+    #: root of the memory hierarchy).  Point it at a delegated subtree.
+    cgroup_root: str = ""
     #: Where the file came from, for messages.
     source: str = "defaults"
 
@@ -53,6 +59,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "io_weight": (int,),
     "tasks_max": (int,),
     "stop_timeout": (int, float),
+    "backend": (str,),
+    "cgroup_root": (str,),
 }
 
 
@@ -105,6 +113,10 @@ def _validate(cfg: Config, path: str) -> None:
             raise ConfigError(path, f"{key} must be between 1 and 10000")
     if cfg.tasks_max < 1:
         raise ConfigError(path, "tasks_max must be >= 1")
+    if cfg.backend not in ("auto", "systemd", "cgroupfs", "none"):
+        raise ConfigError(path, f"backend must be auto, systemd, cgroupfs or none, not {cfg.backend!r}")
+    if cfg.cgroup_root and not os.path.isabs(cfg.cgroup_root):
+        raise ConfigError(path, f"cgroup_root must be an absolute path or \"\", not {cfg.cgroup_root!r}")
     if not 0 < cfg.stop_timeout <= 3600:
         raise ConfigError(path, "stop_timeout must be between 0 and 3600 seconds")
 

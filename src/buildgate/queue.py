@@ -74,6 +74,7 @@ class Entry:
     main_pid: int | None = None
     main_start: int | None = None
     keep_leftovers: bool = False
+    backend: str = "systemd"
     #: Set by a scanner, not stored: the holder died but the build still runs.
     orphan: bool = field(default=False, compare=False)
 

@@ -58,6 +58,7 @@ class RunRequest:
     no_wait: bool = False
     name: str | None = None
     keep_leftovers: bool = False
+    backend: str | None = None  # None: the config's (auto by default)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class RunResult:
     leftovers: int
     interrupted: int | None = None
     kept_leftovers: bool = False
+    capped: bool = True
 
     @property
     def capped_kill(self) -> bool:
@@ -237,20 +239,20 @@ def run(cfg: Config, req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     if req.mem is not None:
         parse_size(req.mem, percent_of=1 << 40)  # syntax first: a typo beats a systemd error
 
+    from buildgate import backends
     from buildgate import budget as budget_mod
-    from buildgate.errors import Unavailable
-    from buildgate.systemd import booted
 
-    if not booted():
-        raise Unavailable(
-            "systemd is not running as the init system here (no /run/systemd/system): "
-            "buildgate run needs a systemd host"
-        )
+    backend = backends.make(backends.probe(cfg, req.backend), cfg)
     total = budget_mod.mem_total()
-    budget = budget_mod.resolve_budget(cfg, total, budget_mod.query_slice_max(cfg.slice))
+    budget = budget_mod.resolve_budget(cfg, total, backend.slice_max())
     mem = parse_size(req.mem, percent_of=budget.bytes) if req.mem is not None else budget.bytes
     if mem > budget.bytes:
         raise ReservationTooLarge(mem, budget.bytes, budget.source)
+    if not backend.capped and hooks.warn:
+        hooks.warn(
+            "no cgroup can be written here: this build runs UNCAPPED (lock-only mode, "
+            "queue and reservation only); see `buildgate doctor`"
+        )
 
     prepare_state_dir(cfg.state_dir)
     queue = Queue(cfg.state_dir)
@@ -261,8 +263,7 @@ def run(cfg: Config, req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     argv_text = " ".join(req.argv)
     with _Signals() as sigs:
         ticket = queue.enter(name=name, mem=mem, argv=argv_text[:500], cwd=os.getcwd(),
-                             keep_leftovers=req.keep_leftovers)
-        sd = None
+                             keep_leftovers=req.keep_leftovers, backend=backend.name)
         try:
             ticket.wait(budget.bytes, deadline, cfg.legacy_lock, hooks.waiting, hooks.refresh,
                         reap=lambda e: _reap(e, cfg))
@@ -275,33 +276,28 @@ def run(cfg: Config, req: RunRequest, hooks: Hooks | None = None) -> RunResult:
             sigs.raising = False
             if sigs.pending is not None:
                 raise Interrupted(sigs.pending, f"interrupted by {signal.Signals(sigs.pending).name} before the build started")
-            from buildgate.cgroup import MemoryCgroup, detect_layout
-            from buildgate.systemd import Systemd
+            backend.connect()
+            if not backend.capped:
+                from buildgate.backends import set_child_subreaper
 
-            layout = detect_layout()
-            sd = Systemd()
-            launch = _launch(sd, cfg, req, ticket, scope, mem, layout.version, sigs)
+                set_child_subreaper()  # so leftovers can be found and stopped
+            launch = _launch(backend, req, ticket, scope, mem, sigs)
             try:
-                cg = MemoryCgroup.of_pid(launch.pid, layout)
-                launch.cgroup = cg
-                if cg is not None and layout.version == 1:
-                    _v1_no_swap(cg, mem, hooks)
-                ticket.update(state=RUNNING, cgroup=cg.path if cg else None)
+                ticket.update(state=RUNNING, cgroup=launch.cgroup.path if launch.cgroup else None)
                 _release_child(launch, req.argv)
-                status = _wait_main(sd, launch, sigs, cfg)
+                status = _wait_main(backend, launch, sigs)
             except BaseException:
-                _kill_launch(sd, launch, cfg)
+                _kill_launch(backend, launch)
                 raise
             ran = time.monotonic() - launch.started
-            return _finish(sd, cfg, req, ticket, launch, name, mem, waited, ran, status, sigs.pending)
+            return _finish(backend, req, ticket, launch, name, mem, waited, ran, status, sigs.pending)
         finally:
             if ticket.lock_fd is not None:
                 ticket.release()
-            if sd is not None:
-                sd.close()
+            backend.close()
 
 
-def _launch(sd, cfg: Config, req: RunRequest, ticket, scope: str, mem: int, cgv: int, sigs: _Signals) -> _Launch:
+def _launch(backend, req: RunRequest, ticket, scope: str, mem: int, sigs: _Signals) -> _Launch:
     # What the build may want to know, e.g. to size its parallelism to its cap
     # (NODE_OPTIONS=--max-old-space-size, make -j).
     env = dict(os.environ)
@@ -313,14 +309,17 @@ def _launch(sd, cfg: Config, req: RunRequest, ticket, scope: str, mem: int, cgv:
     )
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe()
-    keep_r, keep_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         _child(req.argv, env, go_r, err_w, sigs.wfd, ticket.legacy_fd)
-    keeper = os.fork()
-    if keeper == 0:  # pragma: no cover - runs in the keeper
-        _keeper(keep_r)
-    for fd in (go_r, err_w, keep_r):
+    keeper, keep_w = -1, -1
+    if backend.capped:
+        keep_r, keep_w = os.pipe()
+        keeper = os.fork()
+        if keeper == 0:  # pragma: no cover - runs in the keeper
+            _keeper(keep_r)
+        os.close(keep_r)
+    for fd in (go_r, err_w):
         os.close(fd)
     launch = _Launch(pid=pid, keeper=keeper, keeper_w=keep_w, scope=scope)
     launch.counters["go_w"] = go_w
@@ -330,26 +329,12 @@ def _launch(sd, cfg: Config, req: RunRequest, ticket, scope: str, mem: int, cgv:
         # here on, the reservation stays as long as this process lives.
         ticket.update(state=STARTING, scope=scope, main_pid=pid, main_start=procs.starttime(pid))
         description = f"buildgate: {' '.join(req.argv)}"[:200]
-        sd.start_scope(scope, pid, scope_properties(cfg, mem, description, cgv), extra_pids=[keeper])
+        pids = [pid] + ([keeper] if keeper > 0 else [])
+        launch.cgroup = backend.start(scope, pids, mem, description)
     except BaseException:
-        _kill_launch(sd, launch, cfg, scope_started=False)
+        _kill_launch(backend, launch, scope_started=False)
         raise
     return launch
-
-
-def _v1_no_swap(cg: MemoryCgroup, mem: int, hooks: Hooks) -> None:
-    """cgroup v1: systemd ignores MemorySwapMax=, so with swap on a build would
-    spill into swap instead of being killed at its cap.  Cap memory+swap at the
-    same value ourselves (only where swap accounting exists)."""
-    path = os.path.join(cg.dir, "memory.memsw.limit_in_bytes")
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path, "w") as fh:
-            fh.write(str(mem))
-    except OSError as exc:
-        if hooks.warn:
-            hooks.warn(f"could not cap swap use of the build ({exc.strerror}); with swap on, it may swap instead of being stopped at its cap")
 
 
 def _release_child(launch: _Launch, argv: list[str]) -> None:
@@ -374,7 +359,7 @@ def _release_child(launch: _Launch, argv: list[str]) -> None:
         raise CommandNotExecutable(argv[0], os.strerror(code))
 
 
-def _wait_main(sd, launch: _Launch, sigs: _Signals, cfg: Config) -> int:
+def _wait_main(backend, launch: _Launch, sigs: _Signals) -> int:
     """Wait for the build's main process; on SIGINT/SIGTERM stop the scope."""
     from buildgate._inotify import IN_MODIFY, Inotify
 
@@ -396,7 +381,7 @@ def _wait_main(sd, launch: _Launch, sigs: _Signals, cfg: Config) -> int:
                 stopping = True
                 _note_counters(launch)
                 _close_keeper(launch)  # it ignores SIGTERM: let it go first
-                sd.stop_unit(launch.scope, timeout=cfg.stop_timeout + 60)
+                backend.stop(launch.scope, launch.cgroup.path if launch.cgroup else None)
             rlist = [sigs.rfd] + ([pfd] if pfd is not None else []) + ([ino.fileno()] if ino else [])
             timeout = None if pfd is not None else 0.2  # no pidfd (old kernel): poll waitpid
             ready, _, _ = select.select(rlist, [], [], timeout)
@@ -433,12 +418,17 @@ def _note_counters(launch: _Launch) -> None:
         launch.counters["peak"] = max(peak, launch.counters.get("peak", 0))
 
 
-def _finish(sd, cfg, req, ticket, launch, name, mem, waited, ran, status, interrupted) -> RunResult:
+def _finish(backend, req, ticket, launch, name, mem, waited, ran, status, interrupted) -> RunResult:
     _note_counters(launch)
     cg = launch.cgroup
-    leftovers = 0
     if cg is not None:
         leftovers = len([p for p in cg.pids() if p not in (launch.keeper, launch.pid)])
+    elif not backend.capped:
+        from buildgate.backends import descendants
+
+        leftovers = len(descendants(os.getpid()))
+    else:
+        leftovers = 0
     kept = False
     if req.keep_leftovers and leftovers and interrupted is None:
         kept = True
@@ -449,7 +439,7 @@ def _finish(sd, cfg, req, ticket, launch, name, mem, waited, ran, status, interr
         # The keeper ignores SIGTERM; stopping with it inside would cost a full
         # stop_timeout before SIGKILL.  The counters are read, so let it go.
         _close_keeper(launch)
-        sd.stop_unit(launch.scope, timeout=cfg.stop_timeout + 60)
+        backend.stop(launch.scope, cg.path if cg else None)
     oom = launch.counters.get("oom", 0)
     if interrupted is not None:
         code = 128 + interrupted
@@ -462,12 +452,12 @@ def _finish(sd, cfg, req, ticket, launch, name, mem, waited, ran, status, interr
     return RunResult(
         exit_code=code, name=name, scope=launch.scope, mem=mem, waited=waited, ran=ran,
         status=status, peak=launch.counters.get("peak"), oom_kills=oom, leftovers=leftovers,
-        interrupted=interrupted, kept_leftovers=kept,
+        interrupted=interrupted, kept_leftovers=kept, capped=backend.capped,
     )
 
 
 def _close_keeper(launch: _Launch) -> None:
-    if launch.keeper_w >= 0:
+    if launch.keeper_w >= 0 and launch.keeper > 0:
         os.close(launch.keeper_w)
         launch.keeper_w = -1
         try:
@@ -476,7 +466,7 @@ def _close_keeper(launch: _Launch) -> None:
             pass
 
 
-def _kill_launch(sd, launch: _Launch, cfg: Config, scope_started: bool = True) -> None:
+def _kill_launch(backend, launch: _Launch, scope_started: bool = True) -> None:
     """Undo a launch that failed half-way: nothing may keep running."""
     for key in ("go_w", "err_r"):
         fd = launch.counters.pop(key, None)
@@ -495,7 +485,7 @@ def _kill_launch(sd, launch: _Launch, cfg: Config, scope_started: bool = True) -
     _close_keeper(launch)
     if scope_started:
         try:  # anything the build started before it failed goes too
-            sd.stop_unit(launch.scope, timeout=cfg.stop_timeout + 60)
+            backend.stop(launch.scope, launch.cgroup.path if launch.cgroup else None)
         except Exception:
             pass
 
@@ -505,17 +495,16 @@ def _reap(entry: Entry, cfg: Config) -> bool:
     ended: its leftovers die and its reservation is freed."""
     if not entry.scope:
         return True
-    try:
-        from buildgate.systemd import Systemd
+    from buildgate.backends import make
 
-        sd = Systemd()
-        try:
-            sd.stop_unit(entry.scope, timeout=cfg.stop_timeout + 60)
-        finally:
-            sd.close()
+    backend = make(entry.backend, cfg)
+    try:
+        backend.stop(entry.scope, entry.cgroup)
         return True
     except Exception:
         return False
+    finally:
+        backend.close()
 
 
 def summary(res: RunResult) -> str:
@@ -538,6 +527,8 @@ def summary(res: RunResult) -> str:
         result = f"failed with exit {res.status}"
     if res.oom_kills and not res.capped_kill:
         result += f" (its cap OOM-killed {res.oom_kills} process(es) on the way)"
+    if not res.capped:
+        result += " (UNCAPPED: lock-only mode)"
     if res.kept_leftovers:
         result += f"; kept {res.leftovers} leftover process(es) in {res.scope}, which hold the reservation"
     elif res.leftovers:

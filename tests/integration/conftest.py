@@ -27,16 +27,45 @@ TEST_SLICE = "bgtest.slice"
 M = 1024**2
 
 
+#: Backends this run covers.  tests/run: "systemd,cgroupfs" inside the systemd
+#: sandbox, "cgroupfs,none" on the bare machine.
+BACKENDS = [b for b in os.environ.get("BUILDGATE_TEST_BACKENDS", "systemd,cgroupfs").split(",") if b]
+CAPPED = ("systemd", "cgroupfs")
+_UNAVAILABLE = "not-in-this-run"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "backends(*names): backends a test applies to (default: capped ones)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The same behaviour tests run over each backend this run covers."""
+    if "gate" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("backends")
+    applies = marker.args if marker else CAPPED
+    params = [b for b in BACKENDS if b in applies] or [_UNAVAILABLE]
+    metafunc.parametrize("backend", params)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
+    # A test whose backends are not covered by this run is deselected (and
+    # counted as such), not skipped: the other half of tests/run runs it.
+    keep, drop = [], []
     for item in items:
-        if Path(str(item.fspath)).is_relative_to(here):
-            item.add_marker(pytest.mark.systemd)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == _UNAVAILABLE:
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session", autouse=True)
 def real_systemd() -> None:
-    if os.path.isdir("/run/systemd/system"):
+    if "systemd" not in BACKENDS or os.path.isdir("/run/systemd/system"):
         return
     if os.environ.get("BUILDGATE_TEST_SYSTEMD") or os.environ.get("CI"):
         pytest.fail("systemd is not running here although tests/run said it would be", pytrace=False)
@@ -50,6 +79,10 @@ class Gate:
     state: Path
     legacy: Path
     log: Path
+    backend: str = "systemd"
+
+    def write_conf(self, **extra: object) -> None:
+        write_conf(self.conf, self.state, self.legacy, **{"backend": self.backend, **extra})
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -122,7 +155,7 @@ class Gate:
 
 
 def write_conf(path: Path, state: Path, legacy: Path, **extra: object) -> None:
-    values = {
+    values: dict[str, object] = {
         "budget": "400M",
         "slice": TEST_SLICE,
         "state_dir": str(state),
@@ -138,16 +171,52 @@ def write_conf(path: Path, state: Path, legacy: Path, **extra: object) -> None:
 
 
 @pytest.fixture
-def gate(tmp_path: Path) -> Gate:
+def gate(tmp_path: Path, backend: str) -> Gate:
     state = tmp_path / "state"
     legacy = tmp_path / "legacy.lock"
     conf = tmp_path / "buildgate.conf"
-    write_conf(conf, state, legacy)
-    g = Gate(root=tmp_path, conf=conf, state=state, legacy=legacy, log=tmp_path / "events.log")
+    g = Gate(root=tmp_path, conf=conf, state=state, legacy=legacy, log=tmp_path / "events.log",
+             backend=backend)
+    g.write_conf()
     yield g
-    # Nothing a test started may outlive it: stopping the test slice stops every
-    # scope in it (and only those).
-    subprocess.run(["systemctl", "stop", TEST_SLICE], capture_output=True)
+    # Nothing a test started may outlive it.
+    if backend == "systemd":
+        # stopping the test slice stops every scope in it (and only those)
+        subprocess.run(["systemctl", "stop", TEST_SLICE], capture_output=True)
+    elif backend == "cgroupfs":
+        _clean_cgroupfs_slice()
+
+
+def _clean_cgroupfs_slice() -> None:
+    from buildgate.cgroup import detect_layout
+
+    layout = detect_layout()
+    slice_dir = Path(layout.mount) / TEST_SLICE
+    if not slice_dir.is_dir():
+        return
+    for scope in slice_dir.iterdir():
+        if not scope.is_dir():
+            continue
+        for _ in range(100):
+            pids = (scope / "cgroup.procs").read_text().split()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.02)
+        for _ in range(50):
+            try:
+                scope.rmdir()
+                break
+            except OSError:
+                time.sleep(0.02)
+    try:
+        slice_dir.rmdir()
+    except OSError:
+        pass
 
 
 def alive(pid: int) -> bool:

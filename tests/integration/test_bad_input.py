@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .conftest import Gate, write_conf
+from .conftest import Gate
 
 
 def _one_line(stderr: str) -> str:
@@ -35,6 +35,7 @@ def test_reservation_over_the_budget_is_refused_at_once(gate: Gate) -> None:
     assert "--mem 1G is more than the build budget 400M" in line and "lower --mem" in line
 
 
+@pytest.mark.backends("systemd")
 def test_the_slice_memorymax_is_the_budget(gate: Gate) -> None:
     """A slice with MemoryMax= caps the budget below the configured one."""
     unit = "/run/systemd/system/bgtest.slice"
@@ -90,7 +91,7 @@ def test_unreadable_config_exits_78(gate: Gate) -> None:
 
 
 def _with_state(gate: Gate, state) -> None:
-    write_conf(gate.conf, state, gate.legacy)
+    gate.write_conf(state_dir=str(state))
 
 
 def test_state_dir_symlink_is_refused(gate: Gate) -> None:
@@ -120,6 +121,7 @@ def test_state_dir_with_wrong_owner_or_mode_is_refused(gate: Gate) -> None:
     assert gate.run("run", "--", "true").returncode == 0
 
 
+@pytest.mark.backends("systemd")
 def test_systemd_unreachable_exits_69(gate: Gate) -> None:
     """In a mount namespace where /run/systemd is empty, systemd looks absent."""
     marker = gate.root / "ran"

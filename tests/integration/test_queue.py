@@ -8,6 +8,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from .conftest import Gate, alive, kill, wait_gone
 
 
@@ -15,6 +17,7 @@ def _overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_two_full_budget_builds_never_overlap(gate: Gate) -> None:
     procs = [gate.popen("run", "--", *gate.job(label, "--sleep", "1")) for label in "ab"]
     assert [p.wait(60) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
@@ -23,6 +26,7 @@ def test_two_full_budget_builds_never_overlap(gate: Gate) -> None:
     assert not _overlaps(iv["a"], iv["b"]), iv
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_three_half_budget_builds_run_two_at_a_time(gate: Gate) -> None:
     procs = [gate.popen("run", "--mem", "200M", "--", *gate.job(label, "--sleep", "1.5")) for label in "abc"]
     assert [p.wait(60) for p in procs] == [0, 0, 0]
@@ -34,6 +38,7 @@ def test_three_half_budget_builds_run_two_at_a_time(gate: Gate) -> None:
         assert sum(1 for s, e in iv.values() if s <= t < e) <= 2, iv
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_fifo_of_five_queued_builds_with_mixed_sizes(gate: Gate) -> None:
     go = gate.root / "go"
     # a: 300M runs and blocks the rest; then b (200M) is the head, and c (100M),
@@ -58,6 +63,7 @@ def test_fifo_of_five_queued_builds_with_mixed_sizes(gate: Gate) -> None:
         assert sum(mem[k] for k, (s, e) in iv.items() if s <= t < e) <= 400, iv
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_wait_timeout_gives_124_and_the_command_never_ran(gate: Gate) -> None:
     hold = gate.popen("run", "--", *gate.job("h", "--until", str(gate.root / "go")))
     gate.wait_log("start h")
@@ -75,6 +81,7 @@ def test_wait_timeout_gives_124_and_the_command_never_ran(gate: Gate) -> None:
     assert hold.wait(60) == 0
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_no_wait_gives_75_when_it_cannot_start_now(gate: Gate) -> None:
     hold = gate.popen("run", "--mem", "300M", "--", *gate.job("h", "--until", str(gate.root / "go")))
     gate.wait_log("start h")
@@ -89,6 +96,7 @@ def test_no_wait_gives_75_when_it_cannot_start_now(gate: Gate) -> None:
     assert hold.wait(60) == 0
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_waiting_line_names_the_holder(gate: Gate) -> None:
     hold = gate.popen("run", "--name", "holder", "--", *gate.job("h", "--until", str(gate.root / "go")))
     gate.wait_log("start h")
@@ -100,6 +108,7 @@ def test_waiting_line_names_the_holder(gate: Gate) -> None:
     assert f"waiting: needs 400M, 400M of 400M reserved by holder (pid {hold.pid}) 400M running" in err, err
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_sigkill_of_a_waiting_buildgate_leaves_the_queue_clean(gate: Gate) -> None:
     hold = gate.popen("run", "--", *gate.job("h", "--until", str(gate.root / "go")))
     gate.wait_log("start h")
@@ -152,6 +161,7 @@ def _pids_in_log(gate: Gate) -> list[int]:
     return [pid for kind, _, _, pid in gate.events() if kind == "start"]
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_sigint_and_sigterm_stop_the_whole_scope(gate: Gate, tmp_path) -> None:
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         pidfile = tmp_path / f"d{sig}.pid"
@@ -168,6 +178,7 @@ def test_sigint_and_sigterm_stop_the_whole_scope(gate: Gate, tmp_path) -> None:
     assert gate.status() == []
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_github_actions_cancel_leaves_no_process_behind(gate: Gate, tmp_path) -> None:
     """SIGINT, then SIGTERM 7.5 s later, then SIGKILL - against a build that
     ignores SIGINT and SIGTERM.  stop_timeout (2 s here) escalates to SIGKILL."""
@@ -191,6 +202,7 @@ def test_github_actions_cancel_leaves_no_process_behind(gate: Gate, tmp_path) ->
         assert wait_gone(int(pid), 15), f"pid {pid} survived the cancel"
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_interop_with_plain_flock_on_the_legacy_path(gate: Gate) -> None:
     log = gate.log
     legacy_job = f"echo start L $(date +%s.%N) $$ >> {log}; sleep 1; echo end L $(date +%s.%N) $$ >> {log}"
@@ -216,6 +228,7 @@ def test_interop_with_plain_flock_on_the_legacy_path(gate: Gate) -> None:
     legacy.wait(30)
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_a_waiting_buildgate_has_not_loaded_pystemd_or_psutil(gate: Gate) -> None:
     hold = gate.popen("run", "--", *gate.job("h", "--until", str(gate.root / "go")))
     gate.wait_log("start h")
@@ -227,6 +240,7 @@ def test_a_waiting_buildgate_has_not_loaded_pystemd_or_psutil(gate: Gate) -> Non
     assert hold.wait(60) == 0 and waiter.wait(60) == 0
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_on_a_terminal_the_waiting_line_is_refreshed_in_place(gate: Gate) -> None:
     hold = gate.popen("run", "--name", "holder", "--", *gate.job("h", "--until", str(gate.root / "go")))
     gate.wait_log("start h")

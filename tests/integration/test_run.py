@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import Gate, M, alive, wait_gone
 
 
@@ -49,6 +51,7 @@ def test_the_build_really_runs_in_a_capped_scope_in_the_slice(gate: Gate) -> Non
     assert int(limit) == 150 * M
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_exit_status_passes_through(gate: Gate) -> None:
     assert gate.run("run", "--", "sh", "-c", "exit 7").returncode == 7
     assert gate.run("run", "--", "true").returncode == 0
@@ -56,6 +59,7 @@ def test_exit_status_passes_through(gate: Gate) -> None:
     assert out.returncode == 1 and "failed with exit 1" in out.stderr
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_signal_death_is_128_plus_n(gate: Gate) -> None:
     out = gate.run("run", "--", "sh", "-c", "kill -USR1 $$")
     assert out.returncode == 128 + 10, out.stderr
@@ -63,6 +67,7 @@ def test_signal_death_is_128_plus_n(gate: Gate) -> None:
     assert gate.run("run", "--", "sh", "-c", "kill -TERM $$").returncode == 143
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_command_not_found_is_127_and_not_executable_is_126(gate: Gate, tmp_path) -> None:
     out = gate.run("run", "--", "no-such-command-xyz")
     assert out.returncode == 127
@@ -76,24 +81,28 @@ def test_command_not_found_is_127_and_not_executable_is_126(gate: Gate, tmp_path
     assert gate.status() == []  # the reservation went with it
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_dash_dash_is_optional_before_a_plain_command(gate: Gate) -> None:
     out = gate.run("run", "--mem", "50M", "sh", "-c", "echo $0 $1", "x", "-y")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "x -y"
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_stdin_stdout_stderr_are_the_builds(gate: Gate) -> None:
     out = gate.run("run", "--", "sh", "-c", "cat; echo err >&2", input="piped\n")
     assert out.stdout == "piped\n"
     assert "err\n" in out.stderr
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_sigpipe_is_default_in_the_build(gate: Gate) -> None:
     # Python ignores SIGPIPE; a build must not inherit that (yes | head would hang).
     out = gate.run("run", "--", "sh", "-c", "yes | head -n 2", timeout=30)
     assert out.returncode == 0 and out.stdout == "y\ny\n"
 
 
+@pytest.mark.backends("systemd", "cgroupfs", "none")
 def test_a_daemonizing_builds_leftover_is_killed(gate: Gate, tmp_path) -> None:
     pidfile = tmp_path / "daemon.pid"
     out = gate.run("run", "--", *gate.job("d", "--daemon", str(pidfile)))
@@ -118,6 +127,7 @@ def test_keep_leftovers_keeps_them_and_their_reservation(gate: Gate, tmp_path) -
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.backends("systemd")
 def test_waiting_costs_no_systemd_until_admitted(gate: Gate) -> None:
     """The scope is created only after admission: a queued build has none."""
     hold = gate.popen("run", "--name", "holder", "--", *gate.job("h", "--until", str(gate.root / "go")))
@@ -129,3 +139,24 @@ def test_waiting_costs_no_systemd_until_admitted(gate: Gate) -> None:
     assert units.strip() == ""
     (gate.root / "go").touch()
     assert hold.wait(60) == 0 and waiter.wait(60) == 0
+
+
+@pytest.mark.backends("none")
+def test_lock_only_mode_runs_but_says_loudly_it_is_uncapped(gate: Gate) -> None:
+    out = gate.run("run", "--mem", "100M", "--", *gate.job("a", "--alloc", "200"))
+    assert out.returncode == 0, out.stderr  # nothing caps it: that is the point of the warning
+    lines = out.stderr.splitlines()
+    assert lines[0].startswith("buildgate: warning: no cgroup can be written here: this build runs UNCAPPED")
+    assert "(UNCAPPED: lock-only mode)" in lines[-1]
+
+
+@pytest.mark.backends("cgroupfs")
+def test_auto_picks_cgroupfs_where_systemd_is_not_init(gate: Gate) -> None:
+    """Same host, /run/systemd hidden: auto probes, finds no systemd, caps through
+    cgroupfs with the same message and exit code."""
+    gate.write_conf(backend="auto")
+    cmd = " ".join(gate.cmd("run", "--mem", "100M", "--name", "hog", "--", *gate.job("a", "--alloc", "400")))
+    script = "mount -t tmpfs none /run/systemd && exec " + cmd
+    out = subprocess.run(["unshare", "--mount", "sh", "-c", script], env=gate.env(), capture_output=True, text=True)
+    assert out.returncode == 137, out.stderr
+    assert "killed by its 100M memory cap" in out.stderr
