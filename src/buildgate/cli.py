@@ -112,7 +112,6 @@ def run(config_path: str | None, mem: str | None, wait: float | None, no_wait: b
     if wait is not None and no_wait:
         raise UsageError("--wait and --no-wait contradict each other: give one of them")
     from buildgate.config import load_config
-    from buildgate.queue import describe
     from buildgate.runner import Hooks, RunRequest, summary
     from buildgate.runner import run as do_run
 
@@ -120,11 +119,11 @@ def run(config_path: str | None, mem: str | None, wait: float | None, no_wait: b
     tty = sys.stderr.isatty()
     shown = {"waited": False}
 
-    def waiting(decision: object) -> None:
+    def waiting(text: str) -> None:
         if quiet:
             return
         shown["waited"] = True
-        line = "buildgate: " + describe(decision)  # type: ignore[arg-type]
+        line = "buildgate: " + text
         if tty:
             # one screen line, or the next \r would not overwrite all of it
             try:
@@ -183,6 +182,55 @@ def status(config_path: str | None, as_json: bool) -> None:
         state = e.state + (" (buildgate gone)" if e.orphan else "")
         click.echo(f"#{e.seq} {state:<10} {format_size(e.mem):>6} {format_duration(now - since):>7}  "
                    f"{e.name} pid {pid}: {e.argv}")
+
+
+@cli.command()
+@click.option("--budget", metavar="SIZE", help="Memory for all builds together (build.slice MemoryMax).")
+@click.option("--reserve", metavar="SIZE", help="Memory to keep for the OS, sshd and services; budget = MemTotal - reserve.")
+@click.option("--group", default="buildgate", show_default=True, help="Group whose members may run builds without root.")
+@click.option("--dry-run", is_flag=True, help="Print every file and systemctl call instead of doing them.")
+@click.option("--root", default="/", show_default=True, metavar="DIR", help="Install into DIR instead of / (images, tests).")
+@click.option("--force", is_flag=True, help="Overwrite files that were edited by hand.")
+@click.option("--undo", is_flag=True, help="Remove what setup installed.")
+@click.pass_obj
+def setup(config_path: str | None, budget: str | None, reserve: str | None, group: str, dry_run: bool,
+          root: str, force: bool, undo: bool) -> None:
+    """Set the host up: build slice, sshd protection, config, state dir, non-root access."""
+    from buildgate.setup import SetupOptions, run_setup
+
+    if budget and reserve:
+        raise UsageError("--budget and --reserve both size the budget: give one of them")
+    report = run_setup(SetupOptions(budget=budget, reserve=reserve, group=group, dry_run=dry_run,
+                                    root=root, force=force, undo=undo, config_path=config_path))
+    for line in report.lines:
+        click.echo(line)
+    sys.exit(report.exit_code)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def doctor(config_path: str | None, as_json: bool) -> None:
+    """Check that this host is protected, and say how to fix what is not."""
+    import json
+
+    from buildgate.doctor import exit_code, run_checks
+
+    checks = run_checks(config_path)
+    if as_json:
+        click.echo(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        for c in checks:
+            click.echo(c.render())
+    sys.exit(exit_code(checks))
+
+
+@cli.command(hidden=True)
+def helper() -> None:
+    """The privileged helper (run by buildgate-helper@.service, connection on stdin)."""
+    from buildgate.helper import serve
+
+    sys.exit(serve(0))
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

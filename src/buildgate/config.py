@@ -45,6 +45,10 @@ class Config:
     #: cgroupfs backend: the cgroup directory slices are made under ("" = the
     #: root of the memory hierarchy).  Point it at a delegated subtree.
     cgroup_root: str = ""
+    #: Members of this group may run builds without root, through the
+    #: privileged helper listening on ``helper_socket`` (see docs/nonroot.md).
+    group: str = "buildgate"
+    helper_socket: str = "/run/buildgate/helper.sock"
     #: Where the file came from, for messages.
     source: str = "defaults"
 
@@ -61,6 +65,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "stop_timeout": (int, float),
     "backend": (str,),
     "cgroup_root": (str,),
+    "group": (str,),
+    "helper_socket": (str,),
 }
 
 
@@ -115,6 +121,8 @@ def _validate(cfg: Config, path: str) -> None:
         raise ConfigError(path, "tasks_max must be >= 1")
     if cfg.backend not in ("auto", "systemd", "cgroupfs", "none"):
         raise ConfigError(path, f"backend must be auto, systemd, cgroupfs or none, not {cfg.backend!r}")
+    if not os.path.isabs(cfg.helper_socket):
+        raise ConfigError(path, f"helper_socket must be an absolute path, not {cfg.helper_socket!r}")
     if cfg.cgroup_root and not os.path.isabs(cfg.cgroup_root):
         raise ConfigError(path, f"cgroup_root must be an absolute path or \"\", not {cfg.cgroup_root!r}")
     if not 0 < cfg.stop_timeout <= 3600:

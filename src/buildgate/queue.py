@@ -75,6 +75,8 @@ class Entry:
     main_start: int | None = None
     keep_leftovers: bool = False
     backend: str = "systemd"
+    #: the user the build runs as (the helper's caller, or whoever ran buildgate)
+    owner: str = ""
     #: Set by a scanner, not stored: the holder died but the build still runs.
     orphan: bool = field(default=False, compare=False)
 
@@ -85,7 +87,8 @@ class Entry:
     @property
     def who(self) -> str:
         pid = self.main_pid if self.orphan and self.main_pid else self.pid
-        return f"{self.name} (pid {pid})"
+        owner = f", {self.owner}" if self.owner and self.owner != "root" else ""
+        return f"{self.name} (pid {pid}{owner})"
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -256,12 +259,14 @@ class Queue:
             lock_fd = _open_nofollow(self._path(seq, "lock"), os.O_RDWR | os.O_CREAT | os.O_EXCL)
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             me = os.getpid()
+            fields.setdefault("uid", os.getuid())
+            if not fields.get("owner"):
+                fields["owner"] = _user_name(int(fields["uid"]))  # type: ignore[call-overload]
             entry = Entry(
                 seq=seq,
                 pid=me,
                 pid_start=procs.starttime(me),
                 boot=self.boot,
-                uid=os.getuid(),
                 t_enqueued=time.time(),
                 **fields,  # type: ignore[arg-type]
             )
@@ -335,6 +340,15 @@ class Queue:
     def snapshot(self) -> tuple[list[Entry], list[Entry]]:
         with self.mutex():
             return self.scan()
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _orphan_verdict(entry: Entry | None, boot: str) -> str:
@@ -422,6 +436,8 @@ class Ticket:
         progress: Progress | None = None,
         refresh: float | None = None,
         reap: Callable[[Entry], bool] | None = None,
+        wake_fds: tuple[int, ...] = (),
+        on_wake: Callable[[], None] | None = None,
     ) -> Decision:
         """Block until this ticket may start; mark it admitted and return.
 
@@ -478,7 +494,7 @@ class Ticket:
                     last_key, last_report = key, now
 
                 # -- sleep until something that matters happens ----------
-                rlist: list[int] = [ino.fileno()]
+                rlist: list[int] = [ino.fileno(), *wake_fds]
                 if legacy_blocked and not legacy_watched:
                     # plain flock(1) opens read-only: its exit is IN_CLOSE_NOWRITE
                     ino.add(legacy_lock, IN_CLOSE_WRITE | IN_CLOSE_NOWRITE)
@@ -503,6 +519,8 @@ class Ticket:
                     timeout = left if timeout is None else min(timeout, left)
                 select.select(rlist, [], [], timeout)
                 ino.drain()
+                if on_wake is not None:
+                    on_wake()  # e.g. the privileged helper's caller hung up: may raise
         finally:
             ino.close()
             for fd in pidfds.values():

@@ -36,11 +36,13 @@ from buildgate.config import Config
 from buildgate.errors import (
     CommandNotExecutable,
     CommandNotFound,
+    InternalFailure,
     Interrupted,
+    PermissionProblem,
     ReservationTooLarge,
     UsageError,
 )
-from buildgate.queue import RUNNING, STARTING, Decision, Entry, Queue, prepare_state_dir
+from buildgate.queue import RUNNING, STARTING, Entry, Queue, describe, prepare_state_dir
 from buildgate.sizes import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -86,7 +88,7 @@ class RunResult:
 class Hooks:
     """How the caller (cli.py) hears about progress; core never prints."""
 
-    waiting: Callable[[Decision], None] | None = None
+    waiting: Callable[[str], None] | None = None
     refresh: float | None = None
     admitted: Callable[[str, float], None] | None = None
     warn: Callable[[str], None] | None = None
@@ -239,6 +241,11 @@ def run(cfg: Config, req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     if req.mem is not None:
         parse_size(req.mem, percent_of=1 << 40)  # syntax first: a typo beats a systemd error
 
+    if os.geteuid() != 0:
+        # Only root may create scopes and write the queue; everyone else goes
+        # through the privileged helper, which checks who they are.
+        return _run_via_helper(cfg, req, hooks, name)
+
     from buildgate import backends
     from buildgate import budget as budget_mod
 
@@ -265,7 +272,8 @@ def run(cfg: Config, req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         ticket = queue.enter(name=name, mem=mem, argv=argv_text[:500], cwd=os.getcwd(),
                              keep_leftovers=req.keep_leftovers, backend=backend.name)
         try:
-            ticket.wait(budget.bytes, deadline, cfg.legacy_lock, hooks.waiting, hooks.refresh,
+            progress = (lambda d: hooks.waiting(describe(d))) if hooks.waiting else None  # type: ignore[misc]
+            ticket.wait(budget.bytes, deadline, cfg.legacy_lock, progress, hooks.refresh,
                         reap=lambda e: _reap(e, cfg))
             waited = time.monotonic() - t0
             scope = f"buildgate-{name}-{ticket.seq}.scope"
@@ -297,39 +305,219 @@ def run(cfg: Config, req: RunRequest, hooks: Hooks | None = None) -> RunResult:
             backend.close()
 
 
-def _launch(backend, req: RunRequest, ticket, scope: str, mem: int, sigs: _Signals) -> _Launch:
+def _connect_helper(cfg: Config):
+    import grp
+    import pwd
+    import socket
+
+    from buildgate.helper import Conn
+
+    user = pwd.getpwuid(os.getuid()).pw_name if _has_user() else str(os.getuid())
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(cfg.helper_socket)
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise PermissionProblem(
+            f"not allowed: only root can run builds here ({cfg.helper_socket} is missing): "
+            f"ask an admin to run `buildgate setup` and add {user} to group {cfg.group}"
+        ) from None
+    except PermissionError:
+        sock.close()
+        try:
+            grp.getgrnam(cfg.group)
+        except KeyError:
+            pass
+        raise PermissionProblem(f"not allowed: add {user} to group {cfg.group} (then log in again)") from None
+    return Conn(sock)
+
+
+def _has_user() -> bool:
+    import pwd
+
+    try:
+        pwd.getpwuid(os.getuid())
+        return True
+    except KeyError:
+        return False
+
+
+def _run_via_helper(cfg: Config, req: RunRequest, hooks: Hooks, name: str) -> RunResult:
+    """The caller's half of a non-root build (see helper.py for the protocol)."""
+    import fcntl
+
+    from buildgate.helper import raise_error
+
+    conn = _connect_helper(cfg)
+    t0 = time.monotonic()
+    conn.send({"op": "run", "argv": req.argv, "name": name, "mem": req.mem, "wait": req.wait,
+               "no_wait": req.no_wait, "keep_leftovers": req.keep_leftovers, "cwd": os.getcwd(),
+               "refresh": hooks.refresh})
+    legacy_fd = None
+    with _Signals() as sigs:
+        try:
+            while True:  # queued: a signal unwinds, and hanging up leaves the queue
+                msg = conn.recv(timeout=None)
+                if msg is None:
+                    raise InternalFailure("the buildgate helper hung up: see `journalctl -u 'buildgate-helper@*'`")
+                event = msg.get("event")
+                if event == "error":
+                    raise_error(msg)
+                elif event == "waiting" and hooks.waiting:
+                    hooks.waiting(str(msg.get("line")))
+                elif event == "warning" and hooks.warn:
+                    hooks.warn(str(msg.get("line")))
+                elif event == "admitted":
+                    break
+            waited = time.monotonic() - t0
+            scope, mem = str(msg["scope"]), int(msg["mem"])
+            capped = bool(msg.get("capped", True))
+            if hooks.admitted:
+                hooks.admitted(scope, waited)
+            sigs.raising = False
+            if sigs.pending is not None:
+                raise Interrupted(sigs.pending, f"interrupted by {signal.Signals(sigs.pending).name} before the build started")
+            if cfg.legacy_lock:  # the helper holds it; our build holds it too (see _child)
+                try:
+                    legacy_fd = os.open(cfg.legacy_lock, os.O_RDONLY | os.O_CLOEXEC)
+                    fcntl.flock(legacy_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:
+                    if legacy_fd is not None:
+                        os.close(legacy_fd)
+                    legacy_fd = None
+            env = _build_env(scope, mem, int(msg.get("ticket", 0)), msg.get("t_admitted"))
+            launch = _fork_build(req.argv, env, sigs, legacy_fd, keeper=capped)
+            try:
+                conn.send({"op": "pids", "main": launch.pid, "keeper": launch.keeper})
+                reply = conn.recv(timeout=120)
+                if reply is None:
+                    raise InternalFailure("the buildgate helper hung up before the build started")
+                if reply.get("event") == "error":
+                    raise_error(reply)
+                _release_child(launch, req.argv)
+                status = _wait_main_remote(conn, launch, sigs)
+            except BaseException:
+                _kill_children(launch)
+                raise
+            ran = time.monotonic() - launch.started
+            exited = conn.recv(timeout=120) or {}
+            _close_keeper(launch)
+            conn.send({"op": "keeper-closed"})
+            done = conn.recv(timeout=cfg.stop_timeout + 120) or {}
+        finally:
+            conn.sock.close()
+            if legacy_fd is not None:
+                os.close(legacy_fd)
+    oom = int(exited.get("oom_kills") or 0)
+    interrupted = sigs.pending
+    if interrupted is not None:
+        code = 128 + interrupted
+    elif oom and status != 0:
+        code = 137
+    elif status < 0:
+        code = 128 - status
+    else:
+        code = status
+    peak = exited.get("peak")
+    return RunResult(
+        exit_code=code, name=name, scope=scope, mem=mem, waited=waited, ran=ran, status=status,
+        peak=int(peak) if peak is not None else None, oom_kills=oom,
+        leftovers=int(done.get("leftovers") or 0), interrupted=interrupted,
+        kept_leftovers=bool(done.get("kept")), capped=capped,
+    )
+
+
+def _wait_main_remote(conn, launch: _Launch, sigs: _Signals) -> int:
+    """Wait for our build's main process; on a signal ask the helper to stop the scope."""
+    pfd = procs.pidfd(launch.pid)
+    asked = False
+    try:
+        while True:
+            if sigs.pending is not None and not asked:
+                asked = True
+                _close_keeper(launch)  # it ignores SIGTERM: let it go first
+                conn.send({"op": "stop"})
+            rlist = [sigs.rfd] + ([pfd] if pfd is not None else [])
+            ready, _, _ = select.select(rlist, [], [], None if pfd is not None else 0.2)
+            if sigs.rfd in ready:
+                try:
+                    os.read(sigs.rfd, 64)
+                except BlockingIOError:
+                    pass
+            if pfd is not None and pfd not in ready:
+                continue
+            done, status = os.waitpid(launch.pid, os.WNOHANG if pfd is None else 0)
+            if done:
+                launch.reaped = True
+                return os.waitstatus_to_exitcode(status)
+    finally:
+        if pfd is not None:
+            os.close(pfd)
+
+
+def _kill_children(launch: _Launch) -> None:
+    for key in ("go_w", "err_r"):
+        fd = launch.counters.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+    if not launch.reaped:
+        try:
+            os.kill(launch.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(launch.pid, 0)
+        except ChildProcessError:
+            pass
+        launch.reaped = True
+    _close_keeper(launch)
+
+
+def _build_env(scope: str, mem: int, seq: int, t_admitted: float | None) -> dict[str, str]:
     # What the build may want to know, e.g. to size its parallelism to its cap
     # (NODE_OPTIONS=--max-old-space-size, make -j).
     env = dict(os.environ)
     env.update(
         BUILDGATE_SCOPE=scope,
         BUILDGATE_MEM=str(mem),
-        BUILDGATE_TICKET=str(ticket.seq),
-        BUILDGATE_ADMITTED=f"{ticket.entry.t_admitted or time.time():.6f}",
+        BUILDGATE_TICKET=str(seq),
+        BUILDGATE_ADMITTED=f"{t_admitted or time.time():.6f}",
     )
+    return env
+
+
+def _fork_build(argv: list[str], env: dict[str, str], sigs: _Signals, legacy_fd: int | None,
+                keeper: bool) -> _Launch:
+    """Fork the build's main process (blocked until released) and the keeper."""
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
-        _child(req.argv, env, go_r, err_w, sigs.wfd, ticket.legacy_fd)
-    keeper, keep_w = -1, -1
-    if backend.capped:
+        _child(argv, env, go_r, err_w, sigs.wfd, legacy_fd)
+    keeper_pid, keep_w = -1, -1
+    if keeper:
         keep_r, keep_w = os.pipe()
-        keeper = os.fork()
-        if keeper == 0:  # pragma: no cover - runs in the keeper
+        keeper_pid = os.fork()
+        if keeper_pid == 0:  # pragma: no cover - runs in the keeper
             _keeper(keep_r)
         os.close(keep_r)
     for fd in (go_r, err_w):
         os.close(fd)
-    launch = _Launch(pid=pid, keeper=keeper, keeper_w=keep_w, scope=scope)
+    launch = _Launch(pid=pid, keeper=keeper_pid, keeper_w=keep_w, scope=env["BUILDGATE_SCOPE"])
     launch.counters["go_w"] = go_w
     launch.counters["err_r"] = err_r
+    return launch
+
+
+def _launch(backend, req: RunRequest, ticket, scope: str, mem: int, sigs: _Signals) -> _Launch:
+    env = _build_env(scope, mem, ticket.seq, ticket.entry.t_admitted)
+    launch = _fork_build(req.argv, env, sigs, ticket.legacy_fd, keeper=backend.capped)
     try:
         # Record the main pid before the scope exists: if buildgate dies from
         # here on, the reservation stays as long as this process lives.
-        ticket.update(state=STARTING, scope=scope, main_pid=pid, main_start=procs.starttime(pid))
+        ticket.update(state=STARTING, scope=scope, main_pid=launch.pid, main_start=procs.starttime(launch.pid))
         description = f"buildgate: {' '.join(req.argv)}"[:200]
-        pids = [pid] + ([keeper] if keeper > 0 else [])
+        pids = [launch.pid] + ([launch.keeper] if launch.keeper > 0 else [])
         launch.cgroup = backend.start(scope, pids, mem, description)
     except BaseException:
         _kill_launch(backend, launch, scope_started=False)

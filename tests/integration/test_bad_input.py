@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .conftest import Gate
+from .conftest import TEST_SLICE, Gate
 
 
 def _one_line(stderr: str) -> str:
@@ -38,16 +38,16 @@ def test_reservation_over_the_budget_is_refused_at_once(gate: Gate) -> None:
 @pytest.mark.backends("systemd")
 def test_the_slice_memorymax_is_the_budget(gate: Gate) -> None:
     """A slice with MemoryMax= caps the budget below the configured one."""
-    unit = "/run/systemd/system/bgtest.slice"
-    if os.path.exists("/etc/systemd/system/bgtest.slice"):
-        pytest.fail("a host unit bgtest.slice exists; the test would not be isolated")
+    unit = f"/run/systemd/system/{TEST_SLICE}"
+    if os.path.exists(f"/etc/systemd/system/{TEST_SLICE}"):
+        pytest.fail(f"a host unit {TEST_SLICE} exists; the test would not be isolated")
     with open(unit, "w") as fh:
         fh.write("[Slice]\nMemoryMax=300M\n")
     try:
         subprocess.run(["systemctl", "daemon-reload"], check=True)
         out = gate.run("run", "--mem", "350M", "--", "true")
         assert out.returncode == 2
-        assert "more than the build budget 300M (MemoryMax of bgtest.slice" in _one_line(out.stderr)
+        assert f"more than the build budget 300M (MemoryMax of {TEST_SLICE}" in _one_line(out.stderr)
         out = gate.run("run", "--", "sh", "-c", "true")
         assert out.returncode == 0 and "of 300M cap" in out.stderr
     finally:

@@ -182,12 +182,15 @@ def test_sigint_and_sigterm_stop_the_whole_scope(gate: Gate, tmp_path) -> None:
 def test_github_actions_cancel_leaves_no_process_behind(gate: Gate, tmp_path) -> None:
     """SIGINT, then SIGTERM 7.5 s later, then SIGKILL - against a build that
     ignores SIGINT and SIGTERM.  stop_timeout (2 s here) escalates to SIGKILL."""
-    script = "trap '' INT TERM; sleep 1000 & sleep 1000 & echo started >> %s; wait; wait" % (tmp_path / "s")
+    pids = tmp_path / "pids"
+    script = (f"trap '' INT TERM; sleep 1000 & echo $! >> {pids}; sleep 1000 & echo $! >> {pids}; "
+              f"echo $$ >> {pids}; mv {pids} {pids}.done; wait; wait")
     p = gate.popen("run", "--", "sh", "-c", script)
-    while not (tmp_path / "s").exists():
+    done = tmp_path / "pids.done"
+    while not done.exists():
         time.sleep(0.02)
-    scope_pids = subprocess.run(["pgrep", "-f", "^sleep 1000$"], capture_output=True, text=True).stdout.split()
-    assert len(scope_pids) >= 2
+    scope_pids = done.read_text().split()
+    assert len(scope_pids) == 3
     p.send_signal(signal.SIGINT)
     try:
         p.wait(7.5)

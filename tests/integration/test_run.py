@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from .conftest import Gate, M, alive, wait_gone
+from .conftest import TEST_SLICE, Gate, M, alive, wait_gone
 
 
 def test_build_under_its_cap_passes_and_reports_peak(gate: Gate) -> None:
@@ -47,7 +47,7 @@ def test_the_build_really_runs_in_a_capped_scope_in_the_slice(gate: Gate) -> Non
         assert int(swap) == 150 * M
     assert exists == "True"
     assert int(env_mem) == 150 * M and path.endswith("/" + env_scope)
-    assert re.fullmatch(r".*/bgtest\.slice/buildgate-probe-\d+\.scope", path), path
+    assert re.fullmatch(rf".*/{re.escape(TEST_SLICE)}/buildgate-probe-\d+\.scope", path), path
     assert int(limit) == 150 * M
 
 
