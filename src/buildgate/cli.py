@@ -167,7 +167,8 @@ def status(config_path: str | None, as_json: bool) -> None:
     cfg = load_config(config_path)
     entries: list = []
     if os.path.isdir(os.path.join(cfg.state_dir, "q")):  # no queue yet: nothing ran
-        prepare_state_dir(cfg.state_dir)
+        if os.access(cfg.state_dir, os.W_OK):
+            prepare_state_dir(cfg.state_dir)
         entries, _ = Queue(cfg.state_dir).snapshot()
     if as_json:
         click.echo(json.dumps([json.loads(e.to_json()) | {"orphan": e.orphan} for e in entries], indent=2))

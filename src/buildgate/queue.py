@@ -295,12 +295,14 @@ class Queue:
             except FileNotFoundError:
                 pass
 
-    def scan(self) -> tuple[list[Entry], list[Entry]]:
+    def scan(self, readonly: bool = False) -> tuple[list[Entry], list[Entry]]:
         """Live tickets in queue order, and orphans whose scopes need stopping.
 
-        Call with the mutex held.  Dead tickets are deleted on the way.
+        Call with the mutex held.  Dead tickets are deleted on the way, unless
+        ``readonly`` (a non-root ``status``: records are replaced atomically, so
+        a scan without the mutex still sees whole records).
         """
-        for name in os.listdir(self.dir):
+        for name in [] if readonly else os.listdir(self.dir):
             if name.endswith(".tmp"):  # a writer died between write and rename
                 try:
                     os.unlink(os.path.join(self.dir, name))
@@ -329,7 +331,7 @@ class Queue:
                 assert entry is not None
                 live.append(replace(entry, orphan=True))  # reserved until its scope is gone
                 to_reap.append(entry)
-            else:
+            elif not readonly:
                 self._remove(seq)
         return live, to_reap
 
@@ -338,6 +340,8 @@ class Queue:
             self._remove(seq)
 
     def snapshot(self) -> tuple[list[Entry], list[Entry]]:
+        if not os.access(self.dir, os.W_OK):
+            return self.scan(readonly=True)
         with self.mutex():
             return self.scan()
 

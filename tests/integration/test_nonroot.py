@@ -227,6 +227,10 @@ def test_members_and_root_share_one_fifo_queue(nonroot: NonRoot) -> None:
     assert entries[1]["owner"] == str(UID) and entries[1]["state"] == "waiting"
     time.sleep(0.3)
     assert "start m" not in gate.events_text()
+    # the member sees the queue too (read-only)
+    mine = nonroot.run("status", "--json")
+    assert mine.returncode == 0, mine.stderr
+    assert [e["name"] for e in json.loads(mine.stdout)] == ["rootbuild", "memberbuild"]
     go.touch()
     assert hold.wait(60) == 0 and member.wait(60) == 0, member.stderr.read()
     iv = gate.intervals()
