@@ -40,10 +40,13 @@ import stat
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from buildgate import procs
 from buildgate.errors import PermissionProblem, QueueTimeout, WouldBlock
+
+if TYPE_CHECKING:
+    from buildgate._inotify import Inotify
 
 WAITING = "waiting"
 ADMITTED = "admitted"
@@ -384,6 +387,7 @@ class Ticket:
         self.entry = entry
         self.lock_fd: int | None = lock_fd
         self.legacy_fd: int | None = None
+        self._inotify: Inotify | None = None
 
     @property
     def seq(self) -> int:
@@ -413,6 +417,9 @@ class Ticket:
         if self.legacy_fd is not None:
             os.close(self.legacy_fd)
             self.legacy_fd = None
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
 
     # -- waiting ------------------------------------------------------------
 
@@ -456,8 +463,9 @@ class Ticket:
             Inotify,
         )
 
-        ino = Inotify()
-        ino.add(self.queue.qdir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_DELETE)
+        # The uncontended case needs no watch at all.  Otherwise each watch is
+        # added *before* the scan that decides to sleep, so no change is missed.
+        ino: Inotify | None = None
         legacy_watched = False
         pidfds: dict[int, int] = {}
         last_key: object = None
@@ -498,11 +506,16 @@ class Ticket:
                     last_key, last_report = key, now
 
                 # -- sleep until something that matters happens ----------
-                rlist: list[int] = [ino.fileno(), *wake_fds]
+                if ino is None:
+                    ino = self._inotify = Inotify()
+                    ino.add(self.queue.qdir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_DELETE)
+                    continue
                 if legacy_blocked and not legacy_watched:
                     # plain flock(1) opens read-only: its exit is IN_CLOSE_NOWRITE
                     ino.add(legacy_lock, IN_CLOSE_WRITE | IN_CLOSE_NOWRITE)
                     legacy_watched = True
+                    continue
+                rlist: list[int] = [ino.fileno(), *wake_fds]
                 timeout: float | None = _NO_EVENT_POLL if unreapable else None
                 for e in decision.holders:
                     if e.orphan and e.main_pid:
@@ -526,7 +539,8 @@ class Ticket:
                 if on_wake is not None:
                     on_wake()  # e.g. the privileged helper's caller hung up: may raise
         finally:
-            ino.close()
+            # Closing an inotify fd waits for an RCU grace period (~10 ms): not
+            # now, on the way to starting the build, but in _close().
             for fd in pidfds.values():
                 os.close(fd)
 

@@ -48,6 +48,12 @@ def test_the_slice_memorymax_is_the_budget(gate: Gate) -> None:
         out = gate.run("run", "--mem", "350M", "--", "true")
         assert out.returncode == 2
         assert f"more than the build budget 300M (MemoryMax of {TEST_SLICE}" in _one_line(out.stderr)
+        hold = gate.popen("run", "--mem", "100M", "--", *gate.job("h", "--until", str(gate.root / "go")))
+        gate.wait_log("start h")  # the slice is active now: its cgroup has the limit
+        out = gate.run("run", "--mem", "350M", "--", "true")
+        assert out.returncode == 2 and "more than the build budget 300M" in out.stderr, out.stderr
+        (gate.root / "go").touch()
+        assert hold.wait(60) == 0
         out = gate.run("run", "--", "sh", "-c", "true")
         assert out.returncode == 0 and "of 300M cap" in out.stderr
     finally:

@@ -105,3 +105,12 @@ def test_mountinfo_roots_and_paths_relative_to_them() -> None:
     assert layout.dir_of("/process_api/abc/sandbox.1/build.slice/x.scope") == "/sys/fs/cgroup/memory/build.slice/x.scope"
     # a reader inside it sees the path from the namespace root
     assert layout.dir_of("/build.slice/x.scope") == "/sys/fs/cgroup/memory/build.slice/x.scope"
+
+
+def test_slice_cgroup_paths_nest_on_dashes() -> None:
+    from buildgate.backends import slice_cgroup
+
+    assert slice_cgroup("build.slice") == "build.slice"
+    assert slice_cgroup("ci-builds.slice") == "ci.slice/ci-builds.slice"
+    assert slice_cgroup("a-b-c.slice") == "a.slice/a-b.slice/a-b-c.slice"
+    assert slice_cgroup("-.slice") == ""
