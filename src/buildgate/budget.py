@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from buildgate import cgroup
 from buildgate.config import Config
 from buildgate.errors import Unavailable
 from buildgate.sizes import format_size, parse_size
+
+if TYPE_CHECKING:  # the real thing for type checkers; see _records.py
+    from dataclasses import dataclass
+else:
+    from buildgate._records import dataclass
 
 GiB = 1024**3
 

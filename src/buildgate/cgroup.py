@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the real thing for type checkers; see _records.py
+    from dataclasses import dataclass
+else:
+    from buildgate._records import dataclass
 
 #: Where cgroup hierarchies are mounted and where procfs is; overridable.
 CGROUP_ROOT = os.environ.get("BUILDGATE_CGROUP_ROOT", "/sys/fs/cgroup")

@@ -8,10 +8,14 @@ file and the key, so an operator's typo never silently changes the budget.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from buildgate.errors import ConfigError, SizeError
+
+if TYPE_CHECKING:  # the real thing for type checkers; see _records.py
+    from dataclasses import dataclass, fields, replace
+else:
+    from buildgate._records import dataclass, fields, replace
 
 DEFAULT_PATH = "/etc/buildgate/buildgate.conf"
 CONFIG_ENV = "BUILDGATE_CONFIG"

@@ -39,11 +39,15 @@ import select
 import stat
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from buildgate import procs
 from buildgate.errors import PermissionProblem, QueueTimeout, WouldBlock
+
+if TYPE_CHECKING:  # the real thing for type checkers; see _records.py
+    from dataclasses import asdict, dataclass, field, fields, replace
+else:
+    from buildgate._records import asdict, dataclass, field, fields, replace
 
 if TYPE_CHECKING:
     from buildgate._inotify import Inotify
@@ -101,8 +105,11 @@ class Entry:
     @classmethod
     def from_json(cls, text: str) -> Entry:
         data = json.loads(text)
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "orphan"}
+        known = {k: v for k, v in data.items() if k in _FIELD_NAMES and k != "orphan"}
         return cls(**known)
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(Entry))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ import re
 import select
 import signal
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from buildgate import procs
@@ -44,6 +43,11 @@ from buildgate.errors import (
 )
 from buildgate.queue import RUNNING, STARTING, Entry, Queue, describe, prepare_state_dir
 from buildgate.sizes import format_size, parse_size
+
+if TYPE_CHECKING:  # the real thing for type checkers; see _records.py
+    from dataclasses import dataclass, field
+else:
+    from buildgate._records import dataclass, field
 
 if TYPE_CHECKING:
     from buildgate.cgroup import MemoryCgroup

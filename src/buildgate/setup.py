@@ -36,9 +36,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from importlib import resources
 
+from buildgate._records import fields, replace  # they also take buildgate's records (Config)
 from buildgate.budget import parse_meminfo
 from buildgate.config import DEFAULT_PATH, Config, parse_config
 from buildgate.errors import (

@@ -9,13 +9,18 @@ percentage is taken of a base the caller supplies (the build budget).
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
 
 from buildgate.errors import SizeError
 
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
 _SIZE_RE = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGTPE]?)(?:I?B)?$")
 _PERCENT_RE = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*%$")
+
+
+def _fraction(digits: str) -> tuple[int, int]:
+    """"2.5" -> (25, 10): exact, without importing decimal on every build."""
+    whole, _, frac = digits.partition(".")
+    return int(whole + frac or "0"), 10 ** len(frac)
 
 
 def parse_size(text: str, percent_of: int | None = None) -> int:
@@ -33,20 +38,17 @@ def parse_size(text: str, percent_of: int | None = None) -> int:
     if m:
         if percent_of is None:
             raise SizeError(raw, "a percentage is not allowed here")
-        pct = Decimal(m.group(1))
-        if pct <= 0:
+        num, den = _fraction(m.group(1))
+        if num <= 0:
             raise SizeError(raw, "it is zero")
-        if pct > 100:
+        if num > 100 * den:
             raise SizeError(raw, "a percentage above 100% is more than the whole budget")
-        return int(Decimal(percent_of) * pct / 100)
+        return percent_of * num // (100 * den)
     m = _SIZE_RE.match(text.upper())
     if not m:
         raise SizeError(raw, "it is not a number with a unit")
-    try:
-        number = Decimal(m.group(1))
-    except InvalidOperation:  # pragma: no cover - the regex only lets digits through
-        raise SizeError(raw, "it is not a number") from None
-    value = int(number * (1024 ** _UNITS[m.group(2)]))
+    num, den = _fraction(m.group(1))
+    value = num * 1024 ** _UNITS[m.group(2)] // den
     if value <= 0:
         raise SizeError(raw, "it is zero")
     if value >= 2**63:

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from buildgate.errors import InternalFailure, PermissionProblem, Unavailable
+
+if TYPE_CHECKING:  # the real thing for type checkers; see _records.py
+    from dataclasses import dataclass
+else:
+    from buildgate._records import dataclass
 
 _DEST = b"org.freedesktop.systemd1"
 _PATH = b"/org/freedesktop/systemd1"
@@ -194,16 +198,19 @@ class Systemd:
         if result != b"done":
             raise InternalFailure(f"systemd could not start scope {name}: job {result.decode()} (see journalctl -u {name})")
 
-    def stop_unit(self, name: str, timeout: float = 120.0) -> None:
-        """StopUnit and wait until it is stopped; a unit already gone is fine."""
-        self._watch_jobs()
+    def stop_unit(self, name: str, timeout: float = 120.0, wait: bool = True) -> None:
+        """StopUnit and (unless ``wait`` is false) wait until it is stopped; a
+        unit already gone is fine.  The job runs on in systemd either way."""
+        if wait:
+            self._watch_jobs()
         try:
             job = self._call(b"StopUnit", b"ss", [name.encode(), b"replace"])
         except _BusError as exc:
             if b"NoSuchUnit" in exc.name or b"NoSuchUnit" in exc.message.encode():
                 return
             raise InternalFailure(f"systemd could not stop {name}: {exc.message}") from None
-        self._wait_job(job, timeout)
+        if wait:
+            self._wait_job(job, timeout)
 
     def unit_active_state(self, name: str) -> str | None:
         try:

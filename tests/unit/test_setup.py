@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 
 from buildgate import setup
+from buildgate._records import fields, replace
 from buildgate.budget import parse_meminfo
 from buildgate.config import Config, parse_config
 from buildgate.errors import ConfigError, InternalFailure, UsageError
