@@ -96,7 +96,9 @@ class Backend:
     def start(self, scope: str, pids: list[int], mem: int, description: str) -> MemoryCgroup | None:
         raise NotImplementedError
 
-    def stop(self, scope: str, cgroup_path: str | None) -> None:
+    def stop(self, scope: str, cgroup_path: str | None, wait: bool = True) -> None:
+        """Stop the build's processes.  ``wait=False`` only for a cgroup known
+        to be empty: the scope's teardown may then finish after we return."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -139,10 +141,10 @@ class SystemdBackend(Backend):
             _write_if_exists(cg.dir, "memory.memsw.limit_in_bytes", mem)
         return cg
 
-    def stop(self, scope: str, cgroup_path: str | None) -> None:
+    def stop(self, scope: str, cgroup_path: str | None, wait: bool = True) -> None:
         self.connect()
         assert self.sd is not None
-        self.sd.stop_unit(scope, timeout=self.cfg.stop_timeout + 60)
+        self.sd.stop_unit(scope, timeout=self.cfg.stop_timeout + 60, wait=wait)
 
     def close(self) -> None:
         if self.sd is not None:
@@ -198,7 +200,7 @@ class CgroupfsBackend(Backend):
             ) from None
         return MemoryCgroup.of_pid(pids[0], self.layout)
 
-    def stop(self, scope: str, cgroup_path: str | None) -> None:
+    def stop(self, scope: str, cgroup_path: str | None, wait: bool = True) -> None:
         if cgroup_path is not None:
             scope_dir = self.layout.dir_of(cgroup_path)
         else:
@@ -232,7 +234,7 @@ class NoneBackend(Backend):
     def start(self, scope: str, pids: list[int], mem: int, description: str) -> MemoryCgroup | None:
         return None
 
-    def stop(self, scope: str, cgroup_path: str | None) -> None:
+    def stop(self, scope: str, cgroup_path: str | None, wait: bool = True) -> None:
         _kill_group(lambda: descendants(os.getpid()), self.cfg.stop_timeout, None)
 
 

@@ -339,6 +339,9 @@ def _serve(conn: Conn, sock: socket.socket) -> None:
         kept = bool(req["keep_leftovers"] and leftovers and not interrupted)
         if kept:
             ticket.detach()
+        elif leftovers == 0 and (cg is not None or not backend.capped):
+            ticket.release()  # empty cgroup: free the reservation first (runner._finish)
+            backend.stop(scope, cg.path if cg else None, wait=False)
         else:
             backend.stop(scope, cg.path if cg else None)
         conn.send({"event": "done", "leftovers": leftovers, "kept": kept})

@@ -479,16 +479,29 @@ class Ticket:
         last_report = 0.0
         try:
             while True:
-                with self.queue.mutex():
-                    live, to_reap = self.queue.scan()
+                decision = None
+                to_reap: list[Entry] = []
+                legacy_blocked = False
+                if ino is not None:
+                    # Woken by a change in q/ (every waiter is, by every change):
+                    # look without the mutex first, so that a crowd of waiters
+                    # does not queue on it in front of the one that may start.
+                    # Records are replaced atomically; a read-only scan deletes
+                    # nothing, and only an admission needs the mutex.
+                    live, to_reap = self.queue.scan(readonly=True)
                     decision = admission(live, self.seq, self.entry.mem, budget)
-                    legacy_blocked = False
-                    if decision.ok and legacy_lock and not self._try_legacy(legacy_lock):
-                        legacy_blocked = True
-                    if decision.ok and not legacy_blocked:
-                        self.entry = replace(self.entry, state=ADMITTED, t_admitted=time.time())
-                        self.queue._write(self.entry)
-                        return decision
+                    if decision.ok or to_reap:
+                        decision = None
+                if decision is None:
+                    with self.queue.mutex():
+                        live, to_reap = self.queue.scan()
+                        decision = admission(live, self.seq, self.entry.mem, budget)
+                        if decision.ok and legacy_lock and not self._try_legacy(legacy_lock):
+                            legacy_blocked = True
+                        if decision.ok and not legacy_blocked:
+                            self.entry = replace(self.entry, state=ADMITTED, t_admitted=time.time())
+                            self.queue._write(self.entry)
+                            return decision
                 reaped = False
                 unreapable = False
                 for entry in to_reap:

@@ -631,7 +631,15 @@ def _finish(backend, req, ticket, launch, name, mem, waited, ran, status, interr
         # The keeper ignores SIGTERM; stopping with it inside would cost a full
         # stop_timeout before SIGKILL.  The counters are read, so let it go.
         _close_keeper(launch)
-        backend.stop(launch.scope, cg.path if cg else None)
+        if leftovers == 0 and (cg is not None or not backend.capped):
+            # Nothing of the build is left to use memory (and nothing can fork
+            # into an empty cgroup): the next build may start now, while
+            # systemd tears the empty scope down.  This is the handoff's
+            # critical path.
+            ticket.release()
+            backend.stop(launch.scope, cg.path if cg else None, wait=False)
+        else:
+            backend.stop(launch.scope, cg.path if cg else None)
     oom = launch.counters.get("oom", 0)
     if interrupted is not None:
         code = 128 + interrupted
