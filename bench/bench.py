@@ -297,8 +297,6 @@ def bench_overhead(gate: Gate) -> dict:
         "all": Series(f"`python -c 'import <all {len(mods)} buildgate modules>'`",
                       [PY, "-c", imports_all]),
         "version": Series("`buildgate --version`", [BUILDGATE, "--version"]),
-        "show": Series(f"`systemctl show --property=MemoryMax --value {SLICE}` (a subprocess of every "
-                       "`buildgate run`)", ["systemctl", "show", "--property=MemoryMax", "--value", SLICE]),
         "status": Series("`buildgate status --json` (empty queue)", [BUILDGATE, "status", "--json"]),
     }
     log(f"(a) context: {CONTEXT_N} interleaved runs of {len(context)} commands")
@@ -699,8 +697,8 @@ def report(env_rows, notes, load_before, load_after, total_s, a, b, c, c1) -> st
         lines.append(f"| {s.label} | {ms(s.median)} | {ms(s.p90)} |")
     imp = a["imports"]
     imp_total = imp["total"] / 1e6
-    py_pass, show = ctx["pass"].median, ctx["show"].median
-    rest = bg.median - py_pass - imp_total - show
+    py_pass = ctx["pass"].median
+    rest = bg.median - py_pass - imp_total
     lines += [
         "",
         f"Imports during one `buildgate run -- true`, as python reports them (`PYTHONPROFILEIMPORTTIME=1`, "
@@ -714,12 +712,14 @@ def report(env_rows, notes, load_before, load_after, total_s, a, b, c, c1) -> st
         f"| all {len(imp['top'])} top-level imports | {imp_total * 1000:.1f} ms |",
         "",
         f"So, roughly, of the {ms(bg.median)} of `buildgate run -- true`: {ms(py_pass)} is starting the "
-        f"interpreter (`python -c pass`), {ms(imp_total)} is importing modules, {ms(show)} is the "
-        f"`systemctl show` subprocess, and the remaining {ms(rest)} is the work itself: reading the "
-        "config, the queue (lock files, records, inotify), connecting to systemd, forking the build and "
-        "the keeper, creating the scope and waiting for its start job, the build (`true`), stopping the "
-        "scope and waiting for its stop job. The floor, `flock L systemd-run ...`, does the scope part "
-        f"in {ms(sr.median)}.",
+        f"interpreter (`python -c pass`), {ms(imp_total)} is importing modules, and the remaining "
+        f"{ms(rest)} is the work itself: reading the config and the slice's limit (from its cgroup, no "
+        "subprocess), the queue (lock files, records), connecting to systemd, forking the build and "
+        "the keeper, creating the scope and waiting for its start job, the build (`true`), and asking "
+        "systemd to stop the then empty scope (not waited for: the reservation is freed first). The "
+        f"floor, `flock L systemd-run ...`, does the scope part in {ms(sr.median)}; starting the Python "
+        f"interpreter alone takes {ms(py_pass)}, so a ratio of 3 leaves a Python tool "
+        f"{ms(3 * sr.median - py_pass)} for its imports and its work.",
         "",
         "## (b) A waiting buildgate's cost",
         "",
@@ -779,10 +779,12 @@ def report(env_rows, notes, load_before, load_after, total_s, a, b, c, c1) -> st
         f"| {ms(percentile(c1['lat'], 95))} | {ms(max(c1['lat']))} |",
         "",
         "A handoff includes, in order: the previous build's shell exiting; its buildgate noticing "
-        "(pidfd), reading the scope's counters, letting the keeper go and stopping the scope (a "
-        "StopUnit job, waited for); the ticket's release (its files deleted under the queue mutex); "
-        "the waiter waking up (inotify IN_DELETE on `q/`), rescanning the queue, taking the legacy "
-        "lock, marking itself admitted and closing its inotify instance; importing pystemd and "
+        "(pidfd), reading the scope's counters, letting the keeper go and checking that the scope "
+        "is empty; the ticket's release (its files deleted under the queue mutex; the StopUnit of "
+        "the empty scope comes after it and is not waited for); the waiter waking up (inotify "
+        "IN_DELETE on `q/`), rescanning the queue, taking the legacy lock, marking itself admitted "
+        "(its inotify instance is closed later, off this path); importing pystemd (~2.7 MiB, so a "
+        "waiter does not load it ahead: the RSS target of (b)) and "
         "connecting to systemd; forking the build's main process and the keeper, creating the "
         "transient scope (StartTransientUnit, waiting for its job); recording the cgroup; releasing "
         "the child, which execs `bash`, which takes the timestamp.",
