@@ -1,9 +1,13 @@
-"""A minimal inotify binding (ctypes), so a waiting build sleeps in the kernel."""
+"""A minimal inotify binding (ctypes), so a waiting build sleeps in the kernel.
+
+ctypes is loaded only when an instance is made: an uncontended build never
+waits, and need not pay for it.
+"""
 
 from __future__ import annotations
 
-import ctypes
 import os
+from typing import Any
 
 IN_MODIFY = 0x00000002
 IN_CLOSE_WRITE = 0x00000008
@@ -17,25 +21,33 @@ _IN_CLOEXEC = 0o2000000
 _libc = None
 
 
-def _lib() -> ctypes.CDLL:
+def _lib() -> Any:
     global _libc
     if _libc is None:
+        import ctypes
+
         _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
+
+
+def _errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
 
 
 class Inotify:
     def __init__(self) -> None:
         fd = _lib().inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
-            err = ctypes.get_errno()
+            err = _errno()
             raise OSError(err, os.strerror(err))
         self.fd: int = fd
 
     def add(self, path: str, mask: int) -> None:
         wd = _lib().inotify_add_watch(self.fd, os.fsencode(path), mask)
         if wd < 0:
-            err = ctypes.get_errno()
+            err = _errno()
             raise OSError(err, os.strerror(err), path)
 
     def fileno(self) -> int:

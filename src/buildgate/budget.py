@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from typing import TYPE_CHECKING
 
 from buildgate import cgroup
@@ -73,6 +72,8 @@ def query_slice_max(slice_name: str) -> int | None:
     A ``systemctl show`` subprocess rather than D-Bus here keeps pystemd out of
     a process that may then wait for a long time.
     """
+    import subprocess  # only here: the usual path reads the slice's cgroup
+
     try:
         out = subprocess.run(
             ["systemctl", "show", "--property=MemoryMax", "--value", slice_name],
