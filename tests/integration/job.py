@@ -1,9 +1,10 @@
 """A stand-in build for the integration tests.
 
-    job.py LOG LABEL [--until FILE] [--sleep S] [--alloc MB] [--daemon PIDFILE] [--exit N]
+    job.py LOG LABEL [--until FILE] [--sleep S] [--alloc MB] [--daemon PIDFILE [--daemon-ticks 1]] [--exit N]
 
 Appends "start LABEL t" / "end LABEL t" to LOG (O_APPEND, one write per line),
-optionally touches MB megabytes, leaves a daemon behind, waits for FILE to exist
+optionally touches MB megabytes, leaves a daemon behind (which ignores SIGTERM and logs
+"tick LABEL t" every 10 ms with --daemon-ticks), waits for FILE to exist
 or sleeps, then exits with N.
 """
 
@@ -43,6 +44,13 @@ def main(argv: list[str]) -> int:
                 with open(opts["--daemon"], "w") as fh:
                     fh.write(str(os.getpid()))
                 os.closerange(0, 256)
+                if "--daemon-ticks" in opts:  # proof of life until it is SIGKILLed
+                    import signal
+
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a stubborn leftover: stopping it takes a while
+                    for _ in range(50000):
+                        log(logfile, f"tick {label}")
+                        time.sleep(0.01)
                 time.sleep(1000)
             os._exit(0)
         os.waitpid(pid, 0)

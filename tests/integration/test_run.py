@@ -112,6 +112,22 @@ def test_a_daemonizing_builds_leftover_is_killed(gate: Gate, tmp_path) -> None:
     assert "stopped 1 leftover process(es)" in out.stderr
 
 
+def test_the_next_build_starts_only_after_the_leftovers_are_dead(gate: Gate, tmp_path) -> None:
+    """A leftover still uses memory: its reservation is freed only once it is gone
+    (an empty scope frees it before the stop job; this one is not empty)."""
+    pidfile = tmp_path / "daemon.pid"
+    first = gate.popen("run", "--name", "a", "--", *gate.job("a", "--daemon", str(pidfile), "--daemon-ticks", "1", "--sleep", "0.3"))
+    gate.wait_log("tick a")
+    second = gate.popen("run", "--name", "b", "--", *gate.job("b"))
+    assert first.wait(60) == 0 and second.wait(60) == 0, (first.stderr.read(), second.stderr.read())
+    assert wait_gone(int(pidfile.read_text()), 10)
+    events = gate.events()
+    ticks = [t for kind, label, t, _ in events if kind == "tick"]
+    b_admitted = min(t for kind, label, t, _ in events if label == "b" and kind in ("admit", "start"))
+    assert len(ticks) > 1
+    assert max(ticks) < b_admitted, f"the leftover still ran {max(ticks) - b_admitted:.3f}s after b started"
+
+
 def test_keep_leftovers_keeps_them_and_their_reservation(gate: Gate, tmp_path) -> None:
     pidfile = tmp_path / "daemon.pid"
     out = gate.run("run", "--keep-leftovers", "--", *gate.job("d", "--daemon", str(pidfile)))
