@@ -36,8 +36,23 @@ CAPPED = ("systemd", "cgroupfs")
 _UNAVAILABLE = "not-in-this-run"
 
 
+#: "2" in the cgroup v2 VM tier (e2e/guest-pytest.sh): this host must be cgroup v2.
+REQUIRE_CGROUP = os.environ.get("BUILDGATE_TEST_CGROUP", "")
+
+
+def cgroup_version() -> int:
+    from buildgate.cgroup import detect_layout
+
+    return detect_layout().version
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "backends(*names): backends a test applies to (default: capped ones)")
+    config.addinivalue_line("markers", "cgroup2: needs cgroup v2; deselected on a v1 host, "
+                                       "run by the VM tier (tests/run --vm)")
+    if REQUIRE_CGROUP and str(cgroup_version()) != REQUIRE_CGROUP:
+        raise pytest.UsageError(f"BUILDGATE_TEST_CGROUP={REQUIRE_CGROUP} but this host's memory controller "
+                                f"is on cgroup v{cgroup_version()}")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -53,10 +68,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # A test whose backends are not covered by this run is deselected (and
     # counted as such), not skipped: the other half of tests/run runs it.
+    # Likewise a cgroup v2 test on a v1 host: the VM tier (tests/run --vm) runs it.
     keep, drop = [], []
+    v1_host = any(item.get_closest_marker("cgroup2") for item in items) and cgroup_version() != 2
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("backend") == _UNAVAILABLE:
+            drop.append(item)
+        elif v1_host and item.get_closest_marker("cgroup2") is not None:
             drop.append(item)
         else:
             keep.append(item)

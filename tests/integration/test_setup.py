@@ -509,3 +509,55 @@ def test_live_hand_edit_is_kept_and_force_applies(live: Live) -> None:
     lines = ok(setup_cmd("--undo"))
     assert f"kept (edited by hand, --force to remove): {unit}" in lines and unit.exists()
     assert not Path("/etc/tmpfiles.d/buildgate.conf").exists()
+
+
+def cgroup_file(unit: str, name: str) -> str:
+    from buildgate.cgroup import detect_layout
+
+    return Path(detect_layout().dir_of(show(unit, "ControlGroup")), name).read_text().strip()
+
+
+@pytest.mark.cgroup2
+@pytest.mark.backends("systemd")
+def test_live_setup_on_cgroup_v2_reaches_the_kernel_and_doctor_is_happy(live: Live) -> None:
+    """v2 only: memory.min for sshd and every slice above it (a cgroup's protection
+    is bounded by its ancestors'), the build slice's memory.high and
+    memory.swap.max, sshd's oom_score_adj; then `buildgate doctor` exits 0."""
+    from buildgate.setup import memory_high, slice_ancestors
+
+    lines = ok(setup_cmd("--budget", "300M", "--group", GROUP))
+    assert any(ln.startswith(f"live: {live.ssh} OOMScoreAdjust=-1000 MemoryMin=64M") for ln in lines), lines
+    systemctl("start", "build.slice")
+    assert cgroup_file("build.slice", "memory.max") == str(300 * M)
+    assert cgroup_file("build.slice", "memory.high") == str(memory_high(300 * M))
+    assert cgroup_file("build.slice", "memory.swap.max") == "0"
+
+    assert show(live.ssh, "MemoryMin") == str(64 * M)
+    assert cgroup_file(live.ssh, "memory.min") == str(64 * M)
+    ancestors = slice_ancestors(show(live.ssh, "Slice"))
+    assert ancestors and ancestors[-1] == show(live.ssh, "Slice"), ancestors
+    for parent in ancestors:
+        assert int(show(parent, "MemoryMin")) >= 64 * M, parent
+        assert int(cgroup_file(parent, "memory.min")) >= 64 * M, parent
+    pid = show(live.ssh, "MainPID")
+    assert show(live.ssh, "OOMScoreAdjust") == "-1000"
+    if has_cap_sys_resource():
+        assert Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "-1000"
+
+    # a build with the config setup wrote runs in build.slice, under its cap
+    env = {k: v for k, v in os.environ.items() if k not in ("BUILDGATE_CONFIG", "BUILDGATE_DEBUG")}
+    run = subprocess.run([sys.executable, "-m", "buildgate", "run", "--mem", "100M", "--",
+                          "sh", "-c", "cat /proc/self/cgroup"], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("0::/build.slice/buildgate-"), run.stdout
+
+    doctor = subprocess.run([sys.executable, "-m", "buildgate", "doctor"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "FAIL" not in doctor.stdout, doctor.stdout
+    js = subprocess.run([sys.executable, "-m", "buildgate", "doctor", "--json"], env=env, capture_output=True,
+                        text=True, timeout=120)
+    checks = {c["name"]: c for c in json.loads(js.stdout)}
+    assert checks["cgroup"]["data"]["version"] == 2
+    for name in ("sshd", "slice", "budget", "swap", "systemd", "backend"):
+        assert checks[name]["status"] == "ok", checks[name]
