@@ -93,6 +93,24 @@ def real_systemd() -> None:
     pytest.skip("no systemd as init here: run the suite with `sudo tests/run`", allow_module_level=True)
 
 
+#: Set where the whole host is throwaway (the e2e guest: e2e/guest-pytest.sh).
+THROWAWAY = os.environ.get("BUILDGATE_TEST_THROWAWAY") == "1"
+
+
+def require_throwaway_host(what: str) -> None:
+    """Tests that change the host itself (/etc/systemd, build.slice, swap) run
+    only in the tests/run sandbox (which gives them a private /etc) or on a host
+    marked throwaway: never by surprise on a developer's or a production host.
+    In CI such a host is a mistake in the harness, so it fails instead."""
+    if THROWAWAY or os.environ.get("BUILDGATE_TEST_SYSTEMD") == "sandbox":
+        return
+    message = (f"{what} would change this host; run it in the sandbox (sudo tests/run) or the VM tier "
+               f"(sudo tests/run --vm), or set BUILDGATE_TEST_THROWAWAY=1 on a throwaway host")
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
 @dataclass
 class Gate:
     root: Path

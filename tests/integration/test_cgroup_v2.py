@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TEST_SLICE, Gate, M, wait_gone
+from .conftest import TEST_SLICE, Gate, M, require_throwaway_host, wait_gone
 
 pytestmark = pytest.mark.cgroup2
 
@@ -90,6 +90,7 @@ def swap_on():
     if active:
         yield active[0]
         return
+    require_throwaway_host("turning swap on")
     made = None
     path = Path("/swapfile")
     if not path.exists():

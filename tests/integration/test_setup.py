@@ -30,7 +30,7 @@ import pytest
 
 from buildgate.config import parse_config
 
-from .conftest import Gate
+from .conftest import Gate, require_throwaway_host
 
 M = 1024**2
 G = 1024**3
@@ -361,6 +361,7 @@ def live(gate: Gate, tmp_path: Path):
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                         f"lowerdir=/etc,upperdir={upper},workdir={work}", "/etc"], check=True)
     else:
+        require_throwaway_host("buildgate setup for real (/etc/systemd/system, build.slice, a group)")
         for path in ("/etc/buildgate/.setup-manifest.json", "/etc/buildgate/buildgate.conf",
                      "/etc/systemd/system/build.slice"):
             if os.path.exists(path):
