@@ -46,7 +46,39 @@ def cgroupfs_parent(cfg: Config, layout: Layout) -> str | None:
     parent = cfg.cgroup_root or layout.mount
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         return None
+    if layout.version == 2 and v2_memory_blocked(parent) is not None:
+        return None
     return parent
+
+
+def v2_memory_blocked(parent: str) -> str | None:
+    """Why cgroup v2 cannot give the memory controller to children of
+    ``parent``, or None when it can.
+
+    v2's "no internal processes" rule: a cgroup that has processes of its own
+    cannot enable a controller for its children, except the real root.  That
+    is exactly a container's cgroup namespace root with the container's init
+    in it: writable, yet ``+memory`` in its cgroup.subtree_control fails
+    (EBUSY).  Probing it here lets auto fall back instead of failing the build.
+    """
+
+    def read(name: str) -> str | None:
+        try:
+            with open(os.path.join(parent, name)) as fh:
+                return fh.read()
+        except OSError:
+            return None
+
+    if "memory" in (read("cgroup.subtree_control") or "").split():
+        return None
+    controllers = read("cgroup.controllers")
+    if controllers is not None and "memory" not in controllers.split():
+        return f"the memory controller is not available in {parent} (its parent does not delegate it)"
+    # Only non-root cgroups have cgroup.type: the real root may always enable.
+    if read("cgroup.type") is not None and (read("cgroup.procs") or "").split():
+        return (f"{parent} has processes of its own, so cgroup v2 cannot enable memory for its children: "
+                f"set cgroup_root to a delegated, empty cgroup")
+    return None
 
 
 def probe(cfg: Config, requested: str | None = None) -> str:
@@ -63,8 +95,12 @@ def probe(cfg: Config, requested: str | None = None) -> str:
             )
         return "systemd"
     if want == "cgroupfs":
-        if cgroupfs_parent(cfg, detect_layout()) is None:
+        layout = detect_layout()
+        if cgroupfs_parent(cfg, layout) is None:
+            parent = cfg.cgroup_root or layout.mount
+            why = v2_memory_blocked(parent) if layout.version == 2 and os.path.isdir(parent) else None
             raise Unavailable(
+                (why + "; or use --backend none (uncapped)") if why else
                 "no writable cgroup memory controller here: run as root, delegate a cgroup "
                 "(cgroup_root in the config) or use --backend none (uncapped)"
             )

@@ -261,7 +261,9 @@ def decide_cgroup(layout: Layout, hybrid: bool = False) -> Check:
 
 
 def decide_backend(name: str | None, error: str | None, configured: str, config_file: str,
-                   euid: int) -> Check:
+                   euid: int, blocked: str | None = None) -> Check:
+    """``blocked``: why cgroup v2 would not give children the memory controller
+    (backends.v2_memory_blocked), when that is what left only lock-only."""
     data = {"backend": name, "configured": configured}
     if error is not None or name is None:
         fix = (f"set backend = \"auto\" in {config_file}" if configured != "auto"
@@ -272,6 +274,8 @@ def decide_backend(name: str | None, error: str | None, configured: str, config_
             fix = f"set backend = \"auto\" in {config_file}"
         elif euid != 0:
             fix = "run builds as root, or have root run buildgate setup (non-root builds through the helper)"
+        elif blocked:
+            fix = f"{blocked} (cgroup_root = \"/sys/fs/cgroup/DELEGATED\" in {config_file}), or run on a systemd host"
         else:
             fix = ("run on a systemd host, or make a memory cgroup writable "
                    "(cgroup_root = \"/sys/fs/cgroup/DELEGATED\" in the config)")
@@ -831,7 +835,13 @@ def check_backend(host: Host) -> Check:
         error = None
     except BuildgateError as exc:
         name, error = None, str(exc)
-    return decide_backend(name, error, host.cfg.backend, host.config_file, os.geteuid())
+    blocked = None
+    if name == "none" and host.layout.version == 2:
+        from buildgate.backends import v2_memory_blocked
+
+        parent = host.cfg.cgroup_root or host.layout.mount
+        blocked = v2_memory_blocked(parent) if os.path.isdir(parent) else None
+    return decide_backend(name, error, host.cfg.backend, host.config_file, os.geteuid(), blocked)
 
 
 def check_swap(host: Host) -> Check:

@@ -185,3 +185,52 @@ def test_the_oom_killed_scope_is_collected(gate: Gate, tmp_path: Path) -> None:
     failed = subprocess.run(["systemctl", "list-units", "--failed", "--plain", "--no-legend", "buildgate-*"],
                             capture_output=True, text=True).stdout
     assert scope not in failed
+
+
+# ---------------------------------------------------------------- containers
+
+
+@pytest.fixture
+def busy_cgroup():
+    """A cgroup with a process of its own and memory not enabled for its
+    children: what a container's cgroup namespace root looks like from inside."""
+    from buildgate.cgroup import detect_layout
+
+    path = Path(detect_layout().mount) / f"bgtest-busy-{os.getpid()}"
+    path.mkdir()
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        (path / "cgroup.procs").write_text(str(sleeper.pid))
+        yield path
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        assert wait_gone(sleeper.pid)
+        for _ in range(100):
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
+
+
+@pytest.mark.backends("cgroupfs")
+def test_a_busy_v2_parent_is_refused_for_cgroupfs_and_auto_falls_back(gate: Gate, busy_cgroup: Path) -> None:
+    """v2's no-internal-processes rule: the probe sees that memory cannot be
+    enabled for children of a cgroup with processes in it, so --backend cgroupfs
+    is a clear 69 (the build never ran) and auto goes lock-only, loudly."""
+    assert "memory" not in (busy_cgroup / "cgroup.subtree_control").read_text().split()
+    gate.write_conf(backend="cgroupfs", cgroup_root=str(busy_cgroup))
+    out = gate.run("run", "--mem", "100M", "--", *gate.job("a"))
+    assert out.returncode == 69, out.stderr
+    assert "has processes of its own" in out.stderr and "cgroup_root" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "start a" not in gate.events_text()
+
+    gate.write_conf(backend="auto", cgroup_root=str(busy_cgroup))
+    cmd = " ".join(gate.cmd("run", "--mem", "100M", "--", *gate.job("b")))
+    out = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs none /run/systemd && exec " + cmd],
+                         env=gate.env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "this build runs UNCAPPED" in out.stderr and "start b" in gate.events_text()
+    # nothing was created under the busy cgroup
+    assert not [p for p in busy_cgroup.iterdir() if p.is_dir()]

@@ -114,3 +114,47 @@ def test_slice_cgroup_paths_nest_on_dashes() -> None:
     assert slice_cgroup("ci-builds.slice") == "ci.slice/ci-builds.slice"
     assert slice_cgroup("a-b-c.slice") == "a.slice/a-b.slice/a-b-c.slice"
     assert slice_cgroup("-.slice") == ""
+
+
+def _v2_dir(tmp_path, **files: str):
+    d = tmp_path / "cg"
+    d.mkdir()
+    for name, text in files.items():
+        (d / name.replace("_", ".", 1)).write_text(text)
+    return str(d)
+
+
+def test_v2_memory_blocked_by_processes_in_a_non_root_parent(tmp_path) -> None:
+    """A container's namespace root: writable, has processes, memory not yet
+    enabled for children -> cgroupfs cannot work there (EBUSY on +memory)."""
+    from buildgate.backends import v2_memory_blocked
+
+    busy = _v2_dir(tmp_path, cgroup_type="domain\n", cgroup_procs="1\n57\n",
+                   cgroup_controllers="cpu io memory pids\n", cgroup_subtree_control="")
+    why = v2_memory_blocked(busy)
+    assert why is not None and "has processes of its own" in why and "cgroup_root" in why
+
+
+def test_v2_memory_not_blocked_where_children_can_have_it(tmp_path) -> None:
+    from buildgate.backends import v2_memory_blocked
+
+    # already enabled for children
+    (tmp_path / "a").mkdir()
+    assert v2_memory_blocked(_v2_dir(tmp_path / "a", cgroup_type="domain\n", cgroup_procs="1\n",
+                                     cgroup_controllers="memory\n", cgroup_subtree_control="memory pids\n")) is None
+    # the real root (no cgroup.type) may always enable, processes or not
+    (tmp_path / "b").mkdir()
+    assert v2_memory_blocked(_v2_dir(tmp_path / "b", cgroup_procs="1\n", cgroup_controllers="memory\n",
+                                     cgroup_subtree_control="")) is None
+    # an empty delegated cgroup
+    (tmp_path / "c").mkdir()
+    assert v2_memory_blocked(_v2_dir(tmp_path / "c", cgroup_type="domain\n", cgroup_procs="",
+                                     cgroup_controllers="memory\n", cgroup_subtree_control="")) is None
+
+
+def test_v2_memory_blocked_when_the_parent_does_not_delegate_memory(tmp_path) -> None:
+    from buildgate.backends import v2_memory_blocked
+
+    why = v2_memory_blocked(_v2_dir(tmp_path, cgroup_type="domain\n", cgroup_procs="",
+                                    cgroup_controllers="cpu pids\n", cgroup_subtree_control=""))
+    assert why is not None and "memory controller is not available" in why

@@ -428,3 +428,9 @@ def test_run_checks_never_raises_on_a_broken_check(monkeypatch: pytest.MonkeyPat
     assert checks[0].status == "fail" and exit_code(checks) == EXIT_CONFIG
     swap = checks[names.index("swap")]
     assert swap.status == "fail" and "RuntimeError: unexpected" in swap.detail
+
+
+def test_backend_none_because_v2_blocks_memory_names_the_reason() -> None:
+    c = decide_backend("none", None, "auto", "/etc/b.conf", 0,
+                       blocked="/sys/fs/cgroup has processes of its own, so ...")
+    assert c.status == "fail" and "has processes of its own" in c.fix and "cgroup_root" in c.fix
