@@ -258,3 +258,35 @@ def test_on_a_terminal_the_waiting_line_is_refreshed_in_place(gate: Gate) -> Non
     assert hold.wait(60) == 0 and waiter.returncode == 0, out
     assert out.count("\r\x1b[Kbuildgate: waiting: needs 400M") >= 2, repr(out)
     assert "tty: waited" in out
+
+
+@pytest.mark.backends("systemd", "cgroupfs", "none")
+def test_tickets_from_an_earlier_boot_and_corrupt_files_are_ignored_and_reaped(gate: Gate) -> None:
+    """What a crash or a reboot can leave in a persistent state_dir: a 'running'
+    ticket of another boot whose main pid is alive again in this boot (pid
+    reuse), a record cut off mid-write, a temp file. None of it holds memory,
+    none needs manual cleanup: a full-budget build starts at once and the
+    next scan deletes them."""
+    from buildgate import procs
+    from buildgate.queue import RUNNING, Entry
+
+    q = gate.state / "q"
+    q.mkdir(parents=True)
+    me = os.getpid()
+    other_boot = Entry(seq=1, pid=me, pid_start=procs.starttime(me), boot="not-" + procs.boot_id(), uid=0,
+                       name="before-reboot", mem=400 << 20, argv="npm run build", cwd="/", state=RUNNING,
+                       main_pid=me, main_start=procs.starttime(me), scope="buildgate-x-1.scope")
+    (q / "1.json").write_text(other_boot.to_json())
+    (q / "1.lock").write_text("")
+    (q / "2.json").write_text('{"seq": 2, "pid": 1, "state": "runn')  # cut off
+    (q / "2.lock").write_text("")
+    (gate.state / ".3.json.tmp").write_text("{")
+    (gate.state / "seq").write_text("garbage\n")
+
+    out = gate.run("run", "--no-wait", "--", *gate.job("a"))
+    assert out.returncode == 0, out.stderr
+    assert "start a" in gate.events_text()
+    assert sorted(p.name for p in q.iterdir()) == [], list(q.iterdir())
+    assert not (gate.state / ".3.json.tmp").exists()
+    # the counter moved past the numbers it found, never reusing one
+    assert int((gate.state / "seq").read_text()) >= 3

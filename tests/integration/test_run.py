@@ -176,3 +176,74 @@ def test_auto_picks_cgroupfs_where_systemd_is_not_init(gate: Gate) -> None:
     out = subprocess.run(["unshare", "--mount", "sh", "-c", script], env=gate.env(), capture_output=True, text=True)
     assert out.returncode == 137, out.stderr
     assert "killed by its 100M memory cap" in out.stderr
+
+
+def show_scope(scope: str, *props: str) -> dict[str, str]:
+    out = subprocess.run(["systemctl", "show", scope, *(f"--property={p}" for p in props)],
+                         capture_output=True, text=True, timeout=30)
+    return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+
+
+@pytest.mark.backends("systemd")
+def test_the_scope_has_the_properties_of_issue_2(gate: Gate) -> None:
+    """What systemd shows for a running build's scope: the cap, no swap, lower
+    CPU/IO weights than services (default 100), a task limit, the command as
+    Description, collected even when it failed; all from the config."""
+    gate.write_conf(cpu_weight=30, io_weight=40, tasks_max=321)
+    hold = gate.popen("run", "--mem", "120M", "--name", "props", "--",
+                      *gate.job("p", "--until", str(gate.root / "go")))
+    try:
+        gate.wait_log("start p")
+        [entry] = gate.status()
+        scope = entry["scope"]
+        assert re.fullmatch(r"buildgate-props-\d+\.scope", scope), scope
+        got = show_scope(scope, "MemoryMax", "MemorySwapMax", "CPUWeight", "IOWeight", "TasksMax",
+                         "Description", "CollectMode", "Slice", "ActiveState", "SendSIGKILL", "MemoryAccounting")
+        assert got["ActiveState"] == "active", got
+        assert got["MemoryMax"] == str(120 * M)
+        assert got["MemorySwapMax"] == "0"
+        assert got["CPUWeight"] == "30" and got["IOWeight"] == "40" and got["TasksMax"] == "321", got
+        assert got["Description"].startswith("buildgate: ") and "job.py" in got["Description"], got
+        assert got["CollectMode"] == "inactive-or-failed"
+        assert got["Slice"] == TEST_SLICE and got["SendSIGKILL"] == "yes"
+    finally:
+        (gate.root / "go").touch()
+    assert hold.wait(60) == 0, hold.communicate()[1]
+    # collected once it ended: nothing of it is left in systemd
+    assert show_scope(scope, "LoadState")["LoadState"] == "not-found"
+
+
+@pytest.mark.backends("cgroupfs")
+def test_backend_on_the_command_line_overrides_the_config(gate: Gate) -> None:
+    """--backend beats `backend =`: the same config, capped by cgroupfs, then
+    run lock-only (uncapped, and it says so)."""
+    gate.write_conf(backend="none")
+    out = gate.run("run", "--backend", "cgroupfs", "--mem", "100M", "--name", "hog", "--",
+                   *gate.job("a", "--alloc", "400"))
+    assert out.returncode == 137, out.stderr
+    assert "killed by its 100M memory cap" in out.stderr
+    gate.write_conf(backend="cgroupfs")
+    out = gate.run("run", "--backend", "none", "--mem", "100M", "--", *gate.job("b", "--alloc", "200"))
+    assert out.returncode == 0, out.stderr
+    assert "this build runs UNCAPPED" in out.stderr
+    out = gate.run("run", "--backend", "bogus", "--", "true")
+    assert out.returncode == 2 and "'bogus' is not one of" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.backends("cgroupfs")
+def test_auto_falls_back_to_lock_only_where_no_cgroup_is_writable(gate: Gate) -> None:
+    """No systemd and a read-only cgroup tree: auto still queues and runs the
+    build, and says loudly that it is not capped."""
+    from buildgate.cgroup import detect_layout
+
+    gate.write_conf(backend="auto")
+    mount = detect_layout().mount
+    cmd = " ".join(gate.cmd("run", "--mem", "100M", "--", "true"))
+    script = (f"mount -t tmpfs none /run/systemd && mount -o remount,bind,ro {mount} {mount} "
+              f"&& exec {cmd}")
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         env=gate.env(), capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    assert "no cgroup can be written here: this build runs UNCAPPED" in out.stderr
+    assert "(UNCAPPED: lock-only mode)" in out.stderr

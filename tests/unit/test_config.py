@@ -14,7 +14,13 @@ G = 1024**3
 def test_defaults_when_the_default_file_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BUILDGATE_CONFIG", raising=False)
     monkeypatch.setattr("buildgate.config.DEFAULT_PATH", "/nonexistent/buildgate.conf")
-    assert load_config() == Config()
+    cfg = load_config()
+    assert cfg == Config()
+    # the documented defaults (docs/config.md), pinned: the seed's `flock -w 900`,
+    # the slice setup writes, the queue on tmpfs, the seed's lock file
+    assert cfg.wait == 900 and cfg.slice == "build.slice" and cfg.state_dir == "/run/buildgate"
+    assert cfg.legacy_lock == "/var/lock/vps-build.lock" and cfg.backend == "auto" and cfg.budget is None
+    assert cfg.cpu_weight < 100 and cfg.io_weight < 100  # below services' default weight
 
 
 def test_a_full_config_parses() -> None:
