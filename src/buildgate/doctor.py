@@ -385,20 +385,23 @@ def decide_slice(slice_name: str, props: dict[str, str] | None, error: str | Non
 
 
 def decide_budget(total: int, available: int, build_now: int, budget: Budget,
-                  fix_target: str) -> Check:
+                  fix_target: str, largest: list[tuple[str, int]] | None = None) -> Check:
     """Will the host keep enough memory with every build at its full budget?
 
     ``fix_target``: how to lower the budget, with ``{size}`` in it.
+    ``largest``: the biggest memory users outside builds, (name, RSS), so the
+    operator sees what the headroom is for (and what grew since setup).
     """
     used = max(0, total - available)
     services = max(0, used - build_now)
     headroom = total - budget.bytes - services
     data = {"mem_total": total, "mem_available": available, "builds_now": build_now,
             "services_now": services, "budget": budget.bytes, "budget_source": budget.source,
-            "headroom": headroom}
+            "headroom": headroom, "largest": [{"name": n, "rss": r} for n, r in largest or []]}
+    biggest = ", ".join(f"{n} {format_size(r)}" for n, r in (largest or [])[:4])
     found = (f"budget {format_size(budget.bytes)} ({budget.source}) + {format_size(services)} "
-             f"used outside builds now = {format_size(budget.bytes + services)} of MemTotal "
-             f"{format_size(total)}")
+             f"used outside builds now{f' (largest: {biggest})' if biggest else ''} = "
+             f"{format_size(budget.bytes + services)} of MemTotal {format_size(total)}")
     suggested = _round_down(total - services - HEADROOM_MIN)
     if headroom < 0:
         return Check("budget", FAIL,
@@ -885,7 +888,33 @@ def check_budget(host: Host) -> Check:
         target = f"systemctl set-property {cfg.slice} MemoryMax={{size}}"  # the smaller wins
     else:
         target = f"set budget = \"{{size}}\" in {host.config_file}"
-    return decide_budget(total, available, host.builds_now(), budget, target)
+    return decide_budget(total, available, host.builds_now(), budget, target,
+                         largest_users(host.cfg.slice))
+
+
+def largest_users(build_slice: str, count: int = 10) -> list[tuple[str, int]]:
+    """The biggest resident memory users outside the build slice, RSS summed
+    per process name (a service's workers count together), largest first.
+    psutil does the process walk; doctor is off the hot path."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - a dependency, but doctor must not die of it
+        return []
+    per_name: dict[str, int] = {}
+    for proc in psutil.process_iter(["name", "memory_info"]):
+        info = proc.info
+        mem = info.get("memory_info")
+        if mem is None or not mem.rss:
+            continue  # kernel threads, gone, or not ours to read
+        try:
+            with open(os.path.join(cgroup.PROC_ROOT, str(proc.pid), "cgroup")) as fh:
+                if f"/{build_slice}/" in fh.read():
+                    continue
+        except OSError:
+            continue
+        name = info.get("name") or str(proc.pid)
+        per_name[name] = per_name.get(name, 0) + mem.rss
+    return sorted(per_name.items(), key=lambda kv: -kv[1])[:count]
 
 
 def _ancestor_slices(slice_name: str) -> list[tuple[str, int | None]]:

@@ -365,3 +365,26 @@ def test_doctor_as_a_non_root_member_and_non_member(nonroot: _nonroot.NonRoot) -
     backend = {c["name"]: c for c in json.loads(out.stdout)}["backend"]
     assert backend["status"] == "warn" and f"is for group {_nonroot.GID}" in backend["detail"], backend
     assert backend["fix"].startswith(f"usermod -aG {_nonroot.GID} {_nonroot.UID}")
+
+
+@pytest.mark.backends("systemd", "cgroupfs")
+def test_doctor_names_the_largest_memory_user_outside_builds(gate: Gate, tmp_path: Path) -> None:
+    """A 'service' holding 300M (a real process, outside the build slice) is named
+    in the budget check, with its RSS (psutil's process walk)."""
+    name = "bgtest-hog-svc"
+    exe = tmp_path / name
+    exe.symlink_to(sys.executable)  # psutil's name: the process's comm, from its argv[0] file
+    hog = subprocess.Popen([str(exe), "-c", "import sys, time\nb = bytearray(300 << 20)\n"
+                            "for i in range(0, len(b), 4096): b[i] = 1\nprint('ready', flush=True)\ntime.sleep(300)"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout.readline().strip() == "ready"
+        _rc, checks, text = doctor(gate)
+        largest = {u["name"]: u["rss"] for u in checks["budget"]["data"]["largest"]}
+        assert largest.get(name, 0) >= 300 << 20, largest  # (a busy host may have bigger ones)
+        detail = checks["budget"]["detail"]
+        if next(iter(largest)) == name:
+            assert f"(largest: {name} 3" in detail, detail
+    finally:
+        kill(hog)
+        hog.wait()

@@ -271,6 +271,14 @@ def test_budget_counts_what_builds_use_now_as_theirs() -> None:
     assert "1G left for the host" in c.detail
 
 
+def test_budget_names_the_largest_users_outside_builds() -> None:
+    c = decide_budget(8 * G, 5 * G, 0, Budget(4 * G, "budget in /etc/b.conf"), 'budget = "{size}"',
+                      [("postgres", 1536 * M), ("node", 900 * M), ("redis-server", 200 * M),
+                       ("sshd", 8 * M), ("cron", 2 * M)])
+    assert "used outside builds now (largest: postgres 1.5G, node 900M, redis-server 200M, sshd 8M) = " in c.detail
+    assert c.data["largest"][0] == {"name": "postgres", "rss": 1536 * M}
+
+
 def test_budget_with_little_headroom_warns() -> None:
     c = decide_budget(8 * G, 6 * G, 0, Budget(5888 * M, "budget in /etc/b.conf"),
                       'set budget = "{size}" in /etc/b.conf')
