@@ -174,6 +174,8 @@ if MODE == "garbage":
     f.write(b"this is not json\n"); f.flush(); print(json.dumps(recv())); sys.exit()
 if MODE == "op":
     send({"op": "pids", "main": 1}); print(json.dumps(recv())); sys.exit()
+if MODE == "stop":  # stop someone else's build: there is no op that names one
+    send({"op": "stop", "scope": os.environ["VICTIM_SCOPE"]}); print(json.dumps(recv())); sys.exit()
 if MODE == "uncapped":
     send({"op": "run", "argv": ["true"], "mem": "0"}); print(json.dumps(recv())); sys.exit()
 send({"op": "run", "argv": ["sleep", "100"], "mem": "50M"})
@@ -193,26 +195,37 @@ print(json.dumps(recv()))
 @pytest.mark.parametrize("mode, needle", [
     ("garbage", "malformed message"),
     ("op", "the first message must be a run request"),
+    ("stop", "the first message must be a run request"),
     ("uncapped", "invalid size '0'"),
     ("pid1", "1 is not a process id"),
     ("notmychild", "not a child of the caller"),
 ])
 def test_forged_requests_are_refused(nonroot: NonRoot, mode: str, needle: str) -> None:
     victim = subprocess.Popen(["sleep", "60"])  # root's process: must never land in a build scope
+    # root's build, running: a member must not be able to stop it
+    gate = nonroot.gate
+    other = gate.popen("run", "--mem", "50M", "--name", "roots", "--", *gate.job("r", "--until", str(gate.root / "go")))
     try:
+        gate.wait_log("start r")
+        [entry] = gate.status()
         out = subprocess.run(
             ["setpriv", f"--reuid={UID}", f"--regid={GID}", f"--groups={GID}", "--",
              "/usr/bin/python3", "-c", FORGE, str(nonroot.sock)],
-            env=nonroot.env(MODE=mode, VICTIM=str(victim.pid)), capture_output=True, text=True, timeout=60,
+            env=nonroot.env(MODE=mode, VICTIM=str(victim.pid), VICTIM_SCOPE=entry["scope"]),
+            capture_output=True, text=True, timeout=60,
         )
         assert out.returncode == 0, out.stderr
         reply = json.loads(out.stdout.strip().splitlines()[-1])
         assert reply["event"] == "error" and needle in reply["message"], reply
         cgroup = Path(f"/proc/{victim.pid}/cgroup").read_text()
         assert "buildgate-" not in cgroup
+        assert other.poll() is None and [e["seq"] for e in gate.status()] == [entry["seq"]]
     finally:
+        (gate.root / "go").touch()
         victim.kill()
         victim.wait()
+    assert other.wait(60) == 0, other.communicate()[1]
+    assert "end r" in gate.events_text()  # root's build was never stopped
     assert nonroot.gate.status() == []  # the refused ticket left the queue
 
 
