@@ -796,6 +796,23 @@ def report(env_rows, notes, load_before, load_after, total_s, a, b, c, c1) -> st
 # --------------------------------------------------------------------------
 
 
+#: The incident replay's part of benchmarks.md: written by bench/replay.py (it
+#: needs the e2e VM and ~40 min), kept as it is when this bench rewrites the rest.
+REPLAY_BEGIN = "<!-- replay:begin (written by bench/replay.py; bench.py keeps it) -->"
+REPLAY_END = "<!-- replay:end -->"
+
+
+def kept_replay_section(path: Path) -> str:
+    try:
+        old = path.read_text()
+    except FileNotFoundError:
+        return ""
+    start, end = old.find(REPLAY_BEGIN), old.find(REPLAY_END)
+    if start < 0 or end < start:
+        return ""
+    return "\n" + old[start:end + len(REPLAY_END)] + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=OUT, help=f"report file (default {OUT})")
@@ -860,6 +877,7 @@ def main() -> int:
         stop_slice()
         shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    text = text.rstrip("\n") + "\n" + kept_replay_section(args.out)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, args.out)

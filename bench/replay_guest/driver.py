@@ -123,7 +123,7 @@ def run(spec_path):
             p = subprocess.Popen(wrap(arm, b), stdout=log, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, start_new_session=True)
             procs[b["name"]] = {"p": p, "start": time.monotonic() - t0, "end": None, "rc": None}
-        for name, st in procs.items():
+        for st in procs.values():
             if st["end"] is None and st["p"].poll() is not None:
                 st["end"], st["rc"] = time.monotonic() - t0, st["p"].returncode
         if not pending and all(st["end"] is not None for st in procs.values()):
@@ -142,7 +142,7 @@ def run(spec_path):
             stop_by = time.monotonic() + 20
             while time.monotonic() < stop_by and any(st["p"].poll() is None for st in procs.values()):
                 time.sleep(0.2)
-            for name, st in procs.items():
+            for st in procs.values():
                 if st["p"].poll() is None:
                     try:
                         os.killpg(st["p"].pid, signal.SIGKILL)
