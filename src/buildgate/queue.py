@@ -467,12 +467,14 @@ class Ticket:
             IN_CLOSE_WRITE,
             IN_DELETE,
             IN_MOVED_TO,
+            IN_Q_OVERFLOW,
             Inotify,
         )
 
         # The uncontended case needs no watch at all.  Otherwise each watch is
         # added *before* the scan that decides to sleep, so no change is missed.
         ino: Inotify | None = None
+        q_wd = -1
         legacy_watched = False
         pidfds: dict[int, int] = {}
         last_key: object = None
@@ -528,7 +530,7 @@ class Ticket:
                 # -- sleep until something that matters happens ----------
                 if ino is None:
                     ino = self._inotify = Inotify()
-                    ino.add(self.queue.qdir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_DELETE)
+                    q_wd = ino.add(self.queue.qdir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_DELETE)
                     continue
                 if legacy_blocked and not legacy_watched:
                     # plain flock(1) opens read-only: its exit is IN_CLOSE_NOWRITE
@@ -554,10 +556,26 @@ class Ticket:
                 if deadline is not None:
                     left = max(0.0, deadline - time.monotonic())
                     timeout = left if timeout is None else min(timeout, left)
-                select.select(rlist, [], [], timeout)
-                ino.drain()
-                if on_wake is not None:
-                    on_wake()  # e.g. the privileged helper's caller hung up: may raise
+                # Behind another waiter, only that waiter can unblock us: it is
+                # admitted (its record is renamed in), leaves or dies (its
+                # record or lock goes, its lock is closed).  Every other change
+                # (builds ending, tickets joining behind us) is not for us, so
+                # 20 queued builds do not all rescan at every handoff.
+                watch = f"{decision.ahead[-1].seq}." if decision.ahead and not legacy_blocked else None
+                wake_at = None if timeout is None else time.monotonic() + timeout
+                while True:
+                    ready = select.select(rlist, [], [], timeout)[0]
+                    events = ino.read()
+                    if on_wake is not None:
+                        on_wake()  # e.g. the privileged helper's caller hung up: may raise
+                    if watch is None or ready != [ino.fileno()] or any(
+                            wd != q_wd or mask & IN_Q_OVERFLOW or name.startswith(watch)
+                            for wd, mask, name in events):
+                        break
+                    if wake_at is not None:
+                        timeout = wake_at - time.monotonic()
+                        if timeout <= 0:
+                            break
         finally:
             # Closing an inotify fd waits for an RCU grace period (~10 ms): not
             # now, on the way to starting the build, but in _close().

@@ -290,3 +290,32 @@ def test_tickets_from_an_earlier_boot_and_corrupt_files_are_ignored_and_reaped(g
     assert not (gate.state / ".3.json.tmp").exists()
     # the counter moved past the numbers it found, never reusing one
     assert int((gate.state / "seq").read_text()) >= 3
+
+
+@pytest.mark.backends("systemd", "cgroupfs", "none")
+def test_a_waiter_behind_a_killed_waiter_moves_up_at_once(gate: Gate) -> None:
+    """A waiter behind another sleeps until *that* waiter changes (see
+    Ticket.wait): here it is SIGKILLed, and the small build behind it starts
+    next to the running one without waiting for it. Joiners behind and their
+    deaths do not disturb the order."""
+    hold = gate.popen("run", "--mem", "200M", "--", *gate.job("h", "--until", str(gate.root / "go")))
+    gate.wait_log("start h")
+    big = gate.popen("run", "--mem", "400M", "--", *gate.job("big"))
+    gate.wait_queue(2)
+    small = gate.popen("run", "--mem", "100M", "--", *gate.job("small", "--until", str(gate.root / "go")))
+    gate.wait_queue(3)
+    # tickets joining behind and dying there are not small's business
+    extra = [gate.popen("run", "--mem", "100M", "--", *gate.job(f"x{i}")) for i in range(3)]
+    gate.wait_queue(6)
+    for p in extra:
+        kill(p)
+        p.wait(10)
+    gate.wait_queue(3)
+    assert "start small" not in gate.events_text()  # still behind big
+    kill(big)
+    big.wait(10)
+    gate.wait_log("start small", timeout=30)  # 100M fits next to h's 200M: no need to wait for h
+    assert hold.poll() is None
+    (gate.root / "go").touch()
+    assert hold.wait(60) == 0 and small.wait(60) == 0
+    assert "start big" not in gate.events_text() and "start x" not in gate.events_text()
