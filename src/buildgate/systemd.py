@@ -46,6 +46,11 @@ def _dbuslib() -> Any:
     mod = sys.modules.get("pystemd.dbuslib")
     if mod is not None:
         return mod
+    if "pystemd" not in sys.modules and "pystemd.utils" not in sys.modules:
+        try:
+            return _lean_import()
+        except ImportError:
+            pass  # whatever went wrong there, the plain import below tells it
     if "pystemd" not in sys.modules:
         import importlib.util
         import types
@@ -59,6 +64,75 @@ def _dbuslib() -> Any:
         package.__file__ = spec.origin
         sys.modules["pystemd"] = package
     return importlib.import_module("pystemd.dbuslib")
+
+
+def _lean_import() -> Any:
+    """Import pystemd.dbuslib with two of its module-level imports stood in for,
+    only while it loads (~15 ms of every build's start, measured in
+    docs/benchmarks.md):
+
+    * ``from pprint import pformat``: pprint pulls in dataclasses and inspect;
+      dbuslib calls pformat only to word one error message, so it gets a
+      stand-in that imports the real pprint on that first call;
+    * ``from pystemd.utils import x2char_star``: utils pulls in pathlib, uuid
+      and shlex for functions buildgate never uses; x2char_star (str/bytes/
+      path -> bytes) is re-stated below, as in pystemd 0.13-0.15.
+
+    Both stand-ins leave sys.modules again at once, so any later ``import
+    pprint`` or ``import pystemd.utils`` gets the real module.
+    """
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("pystemd")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("No module named 'pystemd'")
+    package = types.ModuleType("pystemd")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    package.__file__ = spec.origin
+    shims = {"pystemd": package}
+    if "pprint" not in sys.modules:
+        shim = types.ModuleType("pprint")
+        shim.pformat = _pformat  # type: ignore[attr-defined]
+        shims["pprint"] = shim
+    utils = types.ModuleType("pystemd.utils")
+    utils.x2char_star = _x2char_star  # type: ignore[attr-defined]
+    shims["pystemd.utils"] = utils
+    sys.modules.update(shims)
+    try:
+        return importlib.import_module("pystemd.dbuslib")
+    except BaseException:
+        sys.modules.pop("pystemd.dbuslib", None)
+        sys.modules.pop("pystemd.dbusexc", None)
+        sys.modules.pop("pystemd", None)
+        raise
+    finally:
+        for name in ("pprint", "pystemd.utils"):
+            if name in shims and sys.modules.get(name) is shims[name]:
+                del sys.modules[name]
+
+
+def _pformat(obj: Any, *args: Any, **kwargs: Any) -> str:
+    import pprint
+
+    return pprint.pformat(obj, *args, **kwargs)
+
+
+def _x2char_star(what: Any, convert_all: bool = False) -> Any:
+    if isinstance(what, bytes):
+        return what
+    if isinstance(what, str):
+        return what.encode()
+    if isinstance(what, os.PathLike):
+        return os.fsencode(what)
+    if convert_all:
+        if isinstance(what, bool):
+            return str(what).lower().encode()
+        return repr(what).encode()
+    return what
 
 
 def booted() -> bool:
