@@ -901,7 +901,10 @@ def largest_users(build_slice: str, count: int = 10) -> list[tuple[str, int]]:
     except ImportError:  # pragma: no cover - a dependency, but doctor must not die of it
         return []
     per_name: dict[str, int] = {}
+    me = os.getpid()
     for proc in psutil.process_iter(["name", "memory_info"]):
+        if proc.pid == me:
+            continue  # doctor itself is not what the headroom is for
         info = proc.info
         mem = info.get("memory_info")
         if mem is None or not mem.rss:
