@@ -52,18 +52,23 @@ def _dbuslib() -> Any:
         except ImportError:
             pass  # whatever went wrong there, the plain import below tells it
     if "pystemd" not in sys.modules:
-        import importlib.util
-        import types
-
-        spec = importlib.util.find_spec("pystemd")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError("No module named 'pystemd'")
-        package = types.ModuleType("pystemd")
-        package.__path__ = list(spec.submodule_search_locations)
-        package.__spec__ = spec
-        package.__file__ = spec.origin
-        sys.modules["pystemd"] = package
+        sys.modules["pystemd"] = _bare_package()
     return importlib.import_module("pystemd.dbuslib")
+
+
+def _bare_package() -> Any:
+    """A module standing for the pystemd package, without its __init__."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("pystemd")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("No module named 'pystemd'")
+    package = types.ModuleType("pystemd")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    package.__file__ = spec.origin
+    return package
 
 
 def _lean_import() -> Any:
@@ -82,18 +87,10 @@ def _lean_import() -> Any:
     pprint`` or ``import pystemd.utils`` gets the real module.
     """
     import importlib
-    import importlib.util
     import sys
     import types
 
-    spec = importlib.util.find_spec("pystemd")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("No module named 'pystemd'")
-    package = types.ModuleType("pystemd")
-    package.__path__ = list(spec.submodule_search_locations)
-    package.__spec__ = spec
-    package.__file__ = spec.origin
-    shims = {"pystemd": package}
+    shims = {"pystemd": _bare_package()}
     if "pprint" not in sys.modules:
         shim = types.ModuleType("pprint")
         shim.pformat = _pformat  # type: ignore[attr-defined]
