@@ -680,11 +680,7 @@ def write_report(cfg, runs: list[dict], meta: dict) -> None:
           f"`--mem {o.get('mem', '?')}` (what fits in the budget): its cap is then below what the build wants. "
           "No mixed queue here.")
         w("")
-        summary_table(w, over, cfg.arms, T)
-        w("")
-        if over_chart:
-            w("![ssh banner latency and swap with oversized builds](replay-oversized.png)")
-            w("")
+        table_and_chart(w, over, cfg.arms, T, over_chart, OVER_PNG)
         reading_over(w, over, T)
         w("Per repeat:")
         w("")
@@ -702,6 +698,18 @@ def write_report(cfg, runs: list[dict], meta: dict) -> None:
     w("")
     (DOCS / "replay.md").write_text("\n".join(lines))
     write_benchmarks_section(cfg, runs, over, meta, chart_ok, over_chart, mixed)
+
+
+MAIN_PNG = ("replay.png", "ssh banner latency and swap during the replay")
+OVER_PNG = ("replay-oversized.png", "ssh banner latency and swap with oversized builds")
+
+
+def table_and_chart(w, runs: list[dict], arms, T: float, chart: bool, png: tuple[str, str]) -> None:
+    summary_table(w, runs, arms, T)
+    w("")
+    if chart:
+        w(f"![{png[1]}]({png[0]})")
+        w("")
 
 
 def write_benchmarks_section(cfg, runs, over, meta, chart_ok, over_chart, mixed) -> None:
@@ -722,22 +730,14 @@ def write_benchmarks_section(cfg, runs, over, meta, chart_ok, over_chart, mixed)
     w(f"**Two builds of {cfg.replay_mib} MiB each start together** (each fits alone, both do not; "
       f"buildgate reserves `--mem {cfg.replay_mem}` each):")
     w("")
-    summary_table(w, runs, cfg.arms, T)
-    w("")
-    if chart_ok:
-        w("![ssh banner latency and swap during the replay](replay.png)")
-        w("")
+    table_and_chart(w, runs, cfg.arms, T, chart_ok, MAIN_PNG)
     if over:
         o = over[0].get("replay_spec", {})
         w(f"**Two oversized builds of {o.get('mib', '?')} MiB each** (each alone more than the guest can "
           f"spare next to its services; buildgate still reserves `--mem {o.get('mem', '?')}`, so its cap "
           "is below what the build wants):")
         w("")
-        summary_table(w, over, cfg.arms, T)
-        w("")
-        if over_chart:
-            w("![ssh banner latency and swap with oversized builds](replay-oversized.png)")
-            w("")
+        table_and_chart(w, over, cfg.arms, T, over_chart, OVER_PNG)
     if mixed.get("flock") and mixed.get("buildgate"):
         ratios = [f["makespan"] / b["makespan"] for f, b in zip(mixed["flock"], mixed["buildgate"])
                   if f["makespan"] and b["makespan"]]
