@@ -146,18 +146,23 @@ def _journal(unit: str, timeout: float = 60) -> str:
 def test_an_oom_kill_inside_the_build_stops_the_whole_scope(gate: Gate, tmp_path: Path) -> None:
     """OOMPolicy=stop (systemd's default for scopes): when the cap kills one
     process, systemd stops the scope, so a build cannot carry on half-dead; the
-    unit's result is oom-kill and buildgate reports the cap and exits 137."""
+    unit's result is oom-kill and buildgate reports the cap and exits 137.
+
+    systemd stops the scope when it sees the oom_kill event (inotify on
+    memory.events), so the shell may still run a quick step after the killed
+    child (`echo survived` did in a slow VM); what it cannot do is finish: it
+    then waits on a 1000 s sleep, and a scope that were not stopped would end
+    the run only at the test's timeout, never with 137."""
     pids = tmp_path / "pids"
     job = " ".join(gate.job("child", "--alloc", "300"))
     script = (f"echo $BUILDGATE_SCOPE > {tmp_path}/scope; sleep 1000 & echo $! >> {pids}; "
-              f"echo $$ >> {pids}; {job}; echo survived >> {tmp_path}/after; wait")
-    t0 = time.monotonic()
+              f"echo $$ >> {pids}; {job}; echo survived >> {tmp_path}/after; wait; "
+              f"echo finished >> {tmp_path}/after")
     out = gate.run("run", "--mem", "120M", "--name", "halfdead", "--", "sh", "-c", script, timeout=300)
-    took = time.monotonic() - t0
     assert out.returncode == 137, out.stderr
     assert "halfdead: " in out.stderr and "killed by its 120M memory cap" in out.stderr
-    assert not (tmp_path / "after").exists(), "the shell carried on after the OOM kill"
-    assert took < 200, f"the scope was not stopped at the OOM kill ({took:.0f}s)"
+    after = (tmp_path / "after").read_text() if (tmp_path / "after").exists() else ""
+    assert "finished" not in after, "the shell finished after the OOM kill"
     for pid in pids.read_text().split():
         assert wait_gone(int(pid), 30), f"pid {pid} survived the scope's stop"
     scope = (tmp_path / "scope").read_text().strip()
