@@ -8,17 +8,22 @@ file and the key, so an operator's typo never silently changes the budget.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
 
 from buildgate.errors import ConfigError, SizeError
 
+TYPE_CHECKING = False  # typing's costs every build ~7 ms: see _records.py
 if TYPE_CHECKING:  # the real thing for type checkers; see _records.py
     from dataclasses import dataclass, fields, replace
+    from typing import Any
 else:
     from buildgate._records import dataclass, fields, replace
 
 DEFAULT_PATH = "/etc/buildgate/buildgate.conf"
 CONFIG_ENV = "BUILDGATE_CONFIG"
+#: Where root keeps the last config it parsed (see load_config); tmpfs, so a
+#: reboot empties it.
+CACHE_PATH = "/run/buildgate/config.cache"
+CACHE_ENV = "BUILDGATE_CONFIG_CACHE"
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,10 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 def parse_config(text: str, path: str) -> Config:
     """Pure: TOML text -> Config, or ConfigError naming the first problem."""
+    return _from_values(parse_toml(text, path), path)
+
+
+def parse_toml(text: str, path: str) -> dict[str, Any]:
     try:
         import tomllib  # type: ignore[import-not-found]
     except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
@@ -85,6 +94,11 @@ def parse_config(text: str, path: str) -> Config:
         data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, f"not valid TOML ({exc}): fix the syntax") from None
+    return data
+
+
+def _from_values(data: dict[str, Any], path: str) -> Config:
+    """The file's key/value pairs -> Config, checked key by key."""
     known = {f.name for f in fields(Config)} - {"source"}
     values: dict[str, Any] = {}
     for key, value in data.items():
@@ -152,4 +166,74 @@ def load_config(path: str | None = None) -> Config:
         raise ConfigError(target, "not UTF-8 text: it must be a TOML file") from None
     except OSError as exc:
         raise ConfigError(target, f"cannot read it ({exc.strerror})") from None
-    return parse_config(text, target)
+    cache = os.environ.get(CACHE_ENV) or CACHE_PATH
+    data = _read_cache(cache, target, text)
+    if data is None:
+        data = parse_toml(text, target)
+        cfg = _from_values(data, target)
+        _write_cache(cache, target, text, data)
+        return cfg
+    return _from_values(data, target)
+
+
+# -- the parsed-config cache --------------------------------------------------
+#
+# tomllib imports re and compiles its patterns: ~15 ms of every build, more
+# than all the rest of buildgate's imports (docs/benchmarks.md).  So root keeps
+# the last parsed config as a flat JSON record holding the file's path, its
+# whole text and its key/value pairs; a build whose config file has exactly
+# that path and text takes the pairs from there and checks them as it would
+# checks the file's (_from_values).  Any edit changes the text, so the cache
+# can never hide one; a missing, foreign or unreadable cache only means parsing
+# the file.  It is trusted only when root owns it and its directory and neither
+# is writable by group or others.
+
+_VALUE_PREFIX = "value."
+
+
+def _trusted(st: os.stat_result) -> bool:
+    return st.st_uid == 0 and not st.st_mode & 0o022
+
+
+def _read_cache(cache: str, target: str, text: str) -> dict[str, Any] | None:
+    from buildgate import _flatjson
+
+    try:
+        fd = os.open(cache, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not _trusted(os.fstat(fd)) or not _trusted(os.stat(os.path.dirname(cache))):
+            return None
+        with os.fdopen(os.dup(fd), encoding="utf-8") as fh:
+            record = _flatjson.loads(fh.read())
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    if record.get("path") != target or record.get("text") != text:
+        return None
+    n = len(_VALUE_PREFIX)
+    return {k[n:]: v for k, v in record.items() if k.startswith(_VALUE_PREFIX)}
+
+
+def _write_cache(cache: str, target: str, text: str, data: dict[str, Any]) -> None:
+    """Best effort, root only; replaced atomically so readers see old or new."""
+    if os.geteuid() != 0:
+        return
+    from buildgate import _flatjson
+
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    try:
+        record = {"path": target, "text": text, **{_VALUE_PREFIX + k: v for k, v in data.items()}}
+        body = _flatjson.dumps(record).encode()
+        os.makedirs(os.path.dirname(cache), 0o755, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(body)
+        os.rename(tmp, cache)
+    except (OSError, ValueError, TypeError):
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass

@@ -126,6 +126,8 @@ class Gate:
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
         env["BUILDGATE_CONFIG"] = str(self.conf)
+        # the test's own parsed-config cache: never the host's /run/buildgate
+        env["BUILDGATE_CONFIG_CACHE"] = str(self.root / "config.cache")
         env.pop("BUILDGATE_DEBUG", None)
         env.update(extra)
         return env

@@ -94,3 +94,99 @@ def test_parse_meminfo() -> None:
     assert info["MemTotal"] == 8039212 * 1024
     assert info["HugePages_Total"] == 0
     assert os.path.exists("/proc/meminfo")
+
+
+# -- the parsed-config cache (real files; the ownership cases need root) -------
+
+def _setup_cache(tmp_path, monkeypatch: pytest.MonkeyPatch, text: str = 'budget = "3G"\nwait = 60\n'):
+    conf = tmp_path / "buildgate.conf"
+    conf.write_text(text)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o755)
+    cache = cache_dir / "config.cache"
+    monkeypatch.setenv("BUILDGATE_CONFIG_CACHE", str(cache))
+    return conf, cache
+
+
+def _tomllib_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import buildgate.config as config
+
+    calls: list[str] = []
+    real = config.parse_toml
+    monkeypatch.setattr(config, "parse_toml", lambda text, path: calls.append(path) or real(text, path))
+    return calls
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="only root writes the cache; tests/run runs as root")
+
+
+@needs_root
+def test_root_parses_once_then_reads_the_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf, cache = _setup_cache(tmp_path, monkeypatch)
+    calls = _tomllib_calls(monkeypatch)
+    first = load_config(str(conf))
+    assert cache.exists() and calls == [str(conf)]
+    second = load_config(str(conf))
+    assert calls == [str(conf)], "the second load parsed the TOML again"
+    assert first == second and second.budget == "3G" and second.wait == 60 and second.source == str(conf)
+
+
+@needs_root
+def test_any_edit_of_the_file_is_seen_at_once(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf, cache = _setup_cache(tmp_path, monkeypatch)
+    load_config(str(conf))
+    st = conf.stat()
+    conf.write_text('budget = "4G"\nwait = 60\n')  # same size, and the same mtime below
+    os.utime(conf, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert load_config(str(conf)).budget == "4G"
+    conf.write_text('budget = "4G"\nwait = "soon"\n')
+    with pytest.raises(ConfigError, match="wait must be"):
+        load_config(str(conf))
+    other = tmp_path / "other.conf"
+    other.write_text('budget = "4G"\nwait = 60\n')  # the cached text, another file
+    assert load_config(str(other)).source == str(other)
+
+
+@needs_root
+def test_a_cache_that_root_does_not_own_alone_is_ignored(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf, cache = _setup_cache(tmp_path, monkeypatch)
+    load_config(str(conf))
+    forged = cache.read_text().replace('"value.budget": "3G"', '"value.budget": "1T"')
+    assert forged != cache.read_text()
+    calls = _tomllib_calls(monkeypatch)
+    for attack in ("chown", "chmod-file", "chmod-dir", "symlink"):
+        cache.unlink(missing_ok=True)
+        if attack == "symlink":
+            (tmp_path / "elsewhere").write_text(forged)
+            cache.symlink_to(tmp_path / "elsewhere")
+        else:
+            cache.write_text(forged)
+        if attack == "chown":
+            os.chown(cache, 65534, 65534)
+        if attack == "chmod-file":
+            cache.chmod(0o666)
+        if attack == "chmod-dir":
+            cache.parent.chmod(0o777)
+        assert load_config(str(conf)).budget == "3G", attack
+        cache.parent.chmod(0o755)
+    assert len(calls) == 4
+    cache.unlink()
+    cache.write_text(forged)  # the same forgery, trusted: proves the cases above were refused for trust
+    assert load_config(str(conf)).budget == "1T"
+
+
+@needs_root
+def test_a_corrupt_or_unwritable_cache_only_means_parsing(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf, cache = _setup_cache(tmp_path, monkeypatch)
+    for junk in ("", "{", "[1]", '{"path": 3}', "\x00\xff"):
+        cache.write_text(junk)
+        assert load_config(str(conf)).budget == "3G", junk
+    monkeypatch.setenv("BUILDGATE_CONFIG_CACHE", str(conf / "not-a-dir" / "config.cache"))
+    assert load_config(str(conf)).budget == "3G"
+
+
+def test_non_root_never_writes_the_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf, cache = _setup_cache(tmp_path, monkeypatch)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert load_config(str(conf)).budget == "3G"
+    assert not cache.exists()
