@@ -727,7 +727,8 @@ def report(env_rows, notes, load_before, load_after, total_s, a, b, c, c1) -> st
         "",
         f"So, roughly, of the {ms(bg.median)} of `buildgate run -- true`: {ms(py_pass)} is starting the "
         f"interpreter (`python -c pass`), {ms(imp_total)} is importing modules, and the remaining "
-        f"{ms(rest)} is the work itself: reading the config and the slice's limit (from its cgroup, no "
+        f"{ms(rest)} is the work itself: reading the config (its parsed values from root's cache, "
+        "docs/config.md, which the warm-ups filled) and the slice's limit (from its cgroup, no "
         "subprocess), the queue (lock files, records), connecting to systemd, forking the build and "
         "the keeper, creating the scope and waiting for its start job, the build (`true`), and asking "
         "systemd to stop the then empty scope (not waited for: the reservation is freed first), then "

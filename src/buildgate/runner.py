@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import select
-import signal
 import time
-from typing import TYPE_CHECKING, Any, Callable
 
 from buildgate import procs
 from buildgate.config import Config
@@ -44,15 +41,22 @@ from buildgate.errors import (
 from buildgate.queue import RUNNING, STARTING, Entry, Queue, describe, prepare_state_dir
 from buildgate.sizes import format_size, parse_size
 
+TYPE_CHECKING = False  # typing's costs every build ~7 ms: see _records.py
+if TYPE_CHECKING:
+    import signal
+else:  # the C module: `signal` wraps it in enums, ~7 ms of every build (enum)
+    import _signal as signal
 if TYPE_CHECKING:  # the real thing for type checkers; see _records.py
     from dataclasses import dataclass, field
+    from typing import Any, Callable
 else:
     from buildgate._records import dataclass, field
 
 if TYPE_CHECKING:
     from buildgate.cgroup import MemoryCgroup
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# A set, not a regex: importing re costs every build ~10 ms (docs/benchmarks.md).
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-")
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -101,12 +105,12 @@ class Hooks:
 def default_name(argv: list[str]) -> str:
     """``npx astro build`` -> ``npx``; ``./node_modules/.bin/vite`` -> ``vite``."""
     base = os.path.basename(argv[0]) or "build"
-    cleaned = re.sub(r"[^A-Za-z0-9_.:-]", "_", base)[:40]
+    cleaned = "".join(c if c in _NAME_CHARS else "_" for c in base)[:40]
     return cleaned or "build"
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not 1 <= len(name) <= 64 or not _NAME_CHARS.issuperset(name):
         raise UsageError(
             f"invalid --name {name!r}: use 1-64 letters, digits, '_', '.', ':' or '-' "
             f"(it becomes part of a systemd unit name)"
@@ -155,7 +159,7 @@ class _Signals:
         if self.pending is None:
             self.pending = signum
         if self.raising:
-            raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name} while waiting; the build never ran")
+            raise Interrupted(signum, f"interrupted by {_signame(signum)} while waiting; the build never ran")
 
     def __enter__(self) -> _Signals:
         for sig in _HANDLED:
@@ -191,7 +195,7 @@ def _child(argv: list[str], env: dict[str, str], go_r: int, err_w: int, wakeup_f
         go = os.read(go_r, 1)
         if go != b"1":  # buildgate died or gave up before the scope existed
             os._exit(125)
-        os.execvpe(argv[0], argv, env)
+        _execvpe(argv[0], argv, env)
     except OSError as exc:
         try:
             os.write(err_w, f"{exc.errno}".encode())
@@ -200,6 +204,36 @@ def _child(argv: list[str], env: dict[str, str], go_r: int, err_w: int, wakeup_f
     except BaseException:
         pass
     os._exit(125)
+
+
+def _signame(signum: int) -> str:
+    """SIGTERM for 15; imports the signal module (and enum) only for messages."""
+    import signal as with_names
+
+    try:
+        return with_names.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _execvpe(file: str, argv: list[str], env: dict[str, str]) -> None:
+    """os.execvpe without its ``import warnings`` (os.get_exec_path's, ~1.6 ms
+    between the scope's start and the build's): the same PATH search, and the
+    same error when nothing runs (the first that is not "no such file", else
+    the last), which _child maps to 126/127."""
+    if os.path.dirname(file):
+        os.execve(file, argv, env)
+    first: OSError | None = None
+    last: OSError | None = None
+    for directory in env.get("PATH", os.defpath).split(os.pathsep):
+        try:
+            os.execve(os.path.join(directory, file), argv, env)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            last = exc
+        except OSError as exc:
+            last = exc
+            first = first or exc
+    raise first or last or FileNotFoundError(errno.ENOENT, "empty PATH", file)
 
 
 def _keeper(pipe_r: int) -> None:
@@ -287,7 +321,7 @@ def run(cfg: Config, req: RunRequest, hooks: Hooks | None = None) -> RunResult:
             # From here on a signal is handled in order, not by unwinding.
             sigs.raising = False
             if sigs.pending is not None:
-                raise Interrupted(sigs.pending, f"interrupted by {signal.Signals(sigs.pending).name} before the build started")
+                raise Interrupted(sigs.pending, f"interrupted by {_signame(sigs.pending)} before the build started")
             backend.connect()
             if not backend.capped:
                 from buildgate.backends import set_child_subreaper
@@ -380,7 +414,7 @@ def _run_via_helper(cfg: Config, req: RunRequest, hooks: Hooks, name: str) -> Ru
                 hooks.admitted(scope, waited)
             sigs.raising = False
             if sigs.pending is not None:
-                raise Interrupted(sigs.pending, f"interrupted by {signal.Signals(sigs.pending).name} before the build started")
+                raise Interrupted(sigs.pending, f"interrupted by {_signame(sigs.pending)} before the build started")
             if cfg.legacy_lock:  # the helper holds it; our build holds it too (see _child)
                 try:
                     legacy_fd = os.open(cfg.legacy_lock, os.O_RDONLY | os.O_CLOEXEC)
@@ -715,12 +749,12 @@ def summary(res: RunResult) -> str:
     peak = format_size(res.peak) if res.peak is not None else "unknown"
     head = f"{res.name}: waited {format_duration(res.waited)}, ran {format_duration(res.ran)}, peak {peak} of {cap} cap"
     if res.interrupted is not None:
-        result = f"interrupted by {signal.Signals(res.interrupted).name}: stopped the whole scope"
+        result = f"interrupted by {_signame(res.interrupted)}: stopped the whole scope"
     elif res.capped_kill:
         result = (f"killed by its {cap} memory cap, peak {peak}: raise --mem or lower "
                   f"the build's parallelism")
     elif res.status < 0:
-        result = f"killed by {signal.Signals(-res.status).name}"
+        result = f"killed by {_signame(-res.status)}"
     elif res.status == 0:
         result = "ok"
     else:

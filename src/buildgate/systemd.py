@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
 
 from buildgate.errors import InternalFailure, PermissionProblem, Unavailable
 
+TYPE_CHECKING = False  # typing's costs every build ~7 ms: see _records.py
 if TYPE_CHECKING:  # the real thing for type checkers; see _records.py
     from dataclasses import dataclass
+    from typing import Any
 else:
     from buildgate._records import dataclass
 
@@ -38,9 +39,10 @@ def _dbuslib() -> Any:
     The package's __init__ imports its whole object model and lxml (tens of
     milliseconds and ~4 MB on every build) for introspection buildgate never
     uses; a bare package module with the right __path__ lets the compiled
-    dbuslib (and its two helper modules) load on their own.
+    dbuslib (and its two helper modules) load on their own.  Without
+    importlib, whose package imports warnings and whose util imports
+    contextlib (~5 ms of every build): __import__ and sys.meta_path do it.
     """
-    import importlib
     import sys
 
     mod = sys.modules.get("pystemd.dbuslib")
@@ -53,15 +55,29 @@ def _dbuslib() -> Any:
             pass  # whatever went wrong there, the plain import below tells it
     if "pystemd" not in sys.modules:
         sys.modules["pystemd"] = _bare_package()
-    return importlib.import_module("pystemd.dbuslib")
+    return _import("pystemd.dbuslib")
+
+
+def _import(name: str) -> Any:
+    """importlib.import_module(name) for an absolute dotted name."""
+    import sys
+
+    __import__(name)
+    return sys.modules[name]
 
 
 def _bare_package() -> Any:
     """A module standing for the pystemd package, without its __init__."""
-    import importlib.util
+    import sys
     import types
 
-    spec = importlib.util.find_spec("pystemd")
+    # importlib.util.find_spec for a top-level name: ask the finders in turn.
+    spec = None
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        spec = find("pystemd", None) if find is not None else None
+        if spec is not None:
+            break
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("No module named 'pystemd'")
     package = types.ModuleType("pystemd")
@@ -86,7 +102,6 @@ def _lean_import() -> Any:
     Both stand-ins leave sys.modules again at once, so any later ``import
     pprint`` or ``import pystemd.utils`` gets the real module.
     """
-    import importlib
     import sys
     import types
 
@@ -100,7 +115,7 @@ def _lean_import() -> Any:
     shims["pystemd.utils"] = utils
     sys.modules.update(shims)
     try:
-        return importlib.import_module("pystemd.dbuslib")
+        return _import("pystemd.dbuslib")
     except BaseException:
         sys.modules.pop("pystemd.dbuslib", None)
         sys.modules.pop("pystemd.dbusexc", None)

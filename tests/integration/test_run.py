@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -247,3 +248,28 @@ def test_auto_falls_back_to_lock_only_where_no_cgroup_is_writable(gate: Gate) ->
     assert out.returncode == 0, out.stderr
     assert "no cgroup can be written here: this build runs UNCAPPED" in out.stderr
     assert "(UNCAPPED: lock-only mode)" in out.stderr
+
+
+# Modules that once cost every build 5-15 ms each to import (docs/benchmarks.md):
+# the run path does without them, and this keeps it that way.
+_HEAVY = {"re", "typing", "json", "tomllib", "enum", "contextlib", "dataclasses", "warnings",
+          "pprint", "inspect", "functools", "collections", "click", "psutil", "lxml"}
+
+
+@pytest.mark.backends("systemd", "cgroupfs", "none")
+def test_the_installed_command_runs_a_build_without_the_heavy_imports(gate: Gate) -> None:
+    """Through the `buildgate` command users run (bin/buildgate, as pip installed
+    it), the second build with the same config (the first fills the
+    parsed-config cache), the build's own child included."""
+    command = Path(sys.executable).parent / "buildgate"
+    assert command.exists(), f"{command}: the package is not installed with its command"
+    argv = [sys.executable, "-X", "importtime", str(command), "run", "--", "true"]
+    (gate.root / "config.cache").unlink(missing_ok=True)  # see conftest's env()
+    seen = []
+    for _ in range(2):
+        out = subprocess.run(argv, env=gate.env(), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        seen.append({line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
+                     if line.startswith("import time:") and "|" in line})
+    assert "buildgate.runner" in seen[1] and "tomllib" in seen[0], "importtime saw nothing"
+    assert not _HEAVY & seen[1], sorted(_HEAVY & seen[1])

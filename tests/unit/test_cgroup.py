@@ -158,3 +158,17 @@ def test_v2_memory_blocked_when_the_parent_does_not_delegate_memory(tmp_path) ->
     why = v2_memory_blocked(_v2_dir(tmp_path, cgroup_type="domain\n", cgroup_procs="",
                                     cgroup_controllers="cpu pids\n", cgroup_subtree_control=""))
     assert why is not None and "memory controller is not available" in why
+
+
+def test_mountinfo_unescaping_matches_the_old_regex() -> None:
+    """cgroup.py unescapes by hand (re costs every build ~10 ms to import)."""
+    import re
+
+    from buildgate.cgroup import _unescape
+
+    def old(field: str) -> str:
+        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+    for field in ["plain", "with\\040space", "tab\\011", "\\134", "end\\04", "\\", "\\\\040",
+                  "bad\\089", "\\040\\040x", "x\\0400", "\\12", ""]:
+        assert _unescape(field) == old(field), field

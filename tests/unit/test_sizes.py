@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from buildgate.errors import SizeError, UsageError
@@ -58,3 +60,47 @@ def test_format_size_round_trips_common_values() -> None:
     assert format_size(None) == "?"
     for text in ("2.5G", "512M", "1T", "3K"):
         assert format_size(parse_size(text)) == text
+
+
+# The regexes sizes.py used before it parsed by hand (re costs every build
+# ~10 ms to import): the hand parser must accept and read exactly what they did.
+_OLD_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGTPE]?)(?:I?B)?$")
+_OLD_PERCENT = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*%$")
+_OLD_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
+
+
+def _old_parse(text: str, base: int) -> int | str:
+    from fractions import Fraction
+
+    text = text.strip()
+    if not text or text.startswith("-"):
+        return "error"
+    m = _OLD_PERCENT.match(text)
+    if m:
+        value = int(base * Fraction(m.group(1)) / 100)
+        return value if 0 < Fraction(m.group(1)) <= 100 else "error"
+    m = _OLD_SIZE.match(text.upper())
+    if not m:
+        return "error"
+    value = int(Fraction(m.group(1)) * 1024 ** _OLD_UNITS[m.group(2)])
+    return value if 0 < value < 2**63 else "error"
+
+
+def _new_parse(text: str, base: int) -> int | str:
+    try:
+        return parse_size(text, percent_of=base)
+    except SizeError:
+        return "error"
+
+
+def test_the_hand_parser_reads_sizes_exactly_as_the_old_regexes() -> None:
+    pieces = ["", "0", "1", "2", "25", ".", ".5", "2.", "2.5", "1.2.3", "x", "-1", " ", "\t", "٣"]
+    units = ["", "k", "K", "m", "G", "T", "P", "E", "B", "b", "iB", "KB", "KiB", "kib", "GB", "X", "%", " %", "IB", "BB", "KK"]
+    seen = 0
+    for a in pieces:
+        for gap in ("", " ", "  "):
+            for u in units:
+                text = a + gap + u
+                assert _new_parse(text, 1000) == _old_parse(text, 1000), repr(text)
+                seen += 1
+    assert seen == len(pieces) * 3 * len(units)
