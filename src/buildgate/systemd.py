@@ -69,7 +69,8 @@ def _import(name: str) -> Any:
 def _bare_package() -> Any:
     """A module standing for the pystemd package, without its __init__."""
     import sys
-    import types
+
+    ModuleType = type(sys)  # types.ModuleType, without importing types (0.5 ms)
 
     # importlib.util.find_spec for a top-level name: ask the finders in turn.
     spec = None
@@ -80,7 +81,7 @@ def _bare_package() -> Any:
             break
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("No module named 'pystemd'")
-    package = types.ModuleType("pystemd")
+    package = ModuleType("pystemd")
     package.__path__ = list(spec.submodule_search_locations)
     package.__spec__ = spec
     package.__file__ = spec.origin
@@ -103,14 +104,15 @@ def _lean_import() -> Any:
     pprint`` or ``import pystemd.utils`` gets the real module.
     """
     import sys
-    import types
+
+    ModuleType = type(sys)  # types.ModuleType, without importing types (0.5 ms)
 
     shims = {"pystemd": _bare_package()}
     if "pprint" not in sys.modules:
-        shim = types.ModuleType("pprint")
+        shim = ModuleType("pprint")
         shim.pformat = _pformat  # type: ignore[attr-defined]
         shims["pprint"] = shim
-    utils = types.ModuleType("pystemd.utils")
+    utils = ModuleType("pystemd.utils")
     utils.x2char_star = _x2char_star  # type: ignore[attr-defined]
     shims["pystemd.utils"] = utils
     sys.modules.update(shims)
