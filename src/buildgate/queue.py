@@ -60,6 +60,12 @@ RUNNING = "running"
 #: notification (leftovers kept with --keep-leftovers on cgroup v1).
 _NO_EVENT_POLL = 10.0
 
+#: A lock closed but still held is probed again after 1, 2, 4 ... ms; the
+#: holder is mid-exit, so the first retry almost always sees it gone.  Twelve
+#: retries span ~4 s, for a dying holder whose CPU the host took away.
+_RECHECK_FIRST = 0.001
+_RECHECKS = 12
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -494,6 +500,18 @@ class Ticket:
         pidfds: dict[int, int] = {}
         last_key: object = None
         last_report = 0.0
+        # Tickets whose lock was just closed for writing (IN_CLOSE_WRITE) while
+        # the next scan still saw it held.  The kernel queues that event
+        # *before* it drops the flock (__fput: fsnotify_close, then
+        # locks_remove_file), so a waiter woken on another CPU can probe the
+        # lock in between, see its holder "alive" and, the event consumed,
+        # sleep forever behind a dead ticket.  Such a ticket is probed again
+        # soon, with backoff, until its lock goes or RECHECKS run out (then it
+        # really is alive: something else opened the lock file for writing).
+        closed: set[int] = set()
+        legacy_closed = False  # the same for the legacy lock (plain flock(1))
+        legacy_wd = -1
+        rechecks = 0
         try:
             while True:
                 decision = None
@@ -530,6 +548,15 @@ class Ticket:
                         unreapable = True
                 if reaped:
                     continue
+                if closed or legacy_closed:
+                    closed.intersection_update(e.seq for e in live if not e.orphan)
+                    legacy_closed = legacy_closed and legacy_blocked
+                    if (closed or legacy_closed) and rechecks < _RECHECKS:
+                        rechecks += 1
+                    else:
+                        closed.clear()
+                        legacy_closed = False
+                        rechecks = 0
                 if legacy_blocked:
                     decision = replace(decision, holders=(*decision.holders, _legacy_holder(legacy_lock)))
                 now = time.monotonic()
@@ -549,7 +576,7 @@ class Ticket:
                     continue
                 if legacy_blocked and not legacy_watched:
                     # plain flock(1) opens read-only: its exit is IN_CLOSE_NOWRITE
-                    ino.add(legacy_lock, IN_CLOSE_WRITE | IN_CLOSE_NOWRITE)
+                    legacy_wd = ino.add(legacy_lock, IN_CLOSE_WRITE | IN_CLOSE_NOWRITE)
                     legacy_watched = True
                     continue
                 rlist: list[int] = [ino.fileno(), *wake_fds]
@@ -568,6 +595,9 @@ class Ticket:
                         timeout = _NO_EVENT_POLL
                 if refresh:
                     timeout = min(timeout or refresh, refresh)
+                if closed or legacy_closed:
+                    again = _RECHECK_FIRST * 2 ** (rechecks - 1)
+                    timeout = again if timeout is None else min(timeout, again)
                 if deadline is not None:
                     left = max(0.0, deadline - time.monotonic())
                     timeout = left if timeout is None else min(timeout, left)
@@ -583,9 +613,16 @@ class Ticket:
                     events = ino.read()
                     if on_wake is not None:
                         on_wake()  # e.g. the privileged helper's caller hung up: may raise
-                    if watch is None or ready != [ino.fileno()] or any(
-                            wd != q_wd or mask & IN_Q_OVERFLOW or name.startswith(watch)
-                            for wd, mask, name in events):
+                    wake = watch is None or ready != [ino.fileno()]
+                    for wd, mask, name in events:
+                        if wd != q_wd or mask & IN_Q_OVERFLOW:
+                            wake = True
+                            legacy_closed = legacy_closed or wd == legacy_wd
+                        elif watch is None or name.startswith(watch):
+                            wake = True
+                            if mask & IN_CLOSE_WRITE and name.endswith(".lock") and name[:-5].isdigit():
+                                closed.add(int(name[:-5]))
+                    if wake:
                         break
                     if wake_at is not None:
                         timeout = wake_at - time.monotonic()

@@ -6,6 +6,7 @@ import itertools
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -319,3 +320,95 @@ def test_a_waiter_behind_a_killed_waiter_moves_up_at_once(gate: Gate) -> None:
     (gate.root / "go").touch()
     assert hold.wait(60) == 0 and small.wait(60) == 0
     assert "start big" not in gate.events_text() and "start x" not in gate.events_text()
+
+
+_CLOSE_BEFORE_UNLOCK = """
+import fcntl, os, sys, time
+lock, trigger = sys.argv[1:]
+fd = os.open(lock, os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+while not os.path.exists(trigger):
+    time.sleep(0.01)
+os.close(os.open(lock, os.O_WRONLY))  # IN_CLOSE_WRITE, the flock still held
+time.sleep(0.5)
+# the exit closes a read-only fd: IN_CLOSE_NOWRITE, which no waiter watches
+"""
+
+
+_LEGACY_UNLOCK_WITHOUT_EVENT = """
+import fcntl, os, sys, time
+lock, trigger = sys.argv[1:]
+fd = os.open(lock, os.O_RDONLY | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+while not os.path.exists(trigger):
+    time.sleep(0.01)
+os.close(os.open(lock, os.O_RDONLY))  # IN_CLOSE_NOWRITE, the flock still held
+time.sleep(0.5)
+fcntl.flock(fd, fcntl.LOCK_UN)  # no inotify event at all
+time.sleep(60)
+"""
+
+
+@pytest.mark.backends("none")
+def test_a_legacy_flock_dropped_after_its_close_event_still_lets_the_waiter_in(gate: Gate) -> None:
+    """The legacy lock's twin of the test below: flock(1)'s exit, too, queues
+    its close event before the kernel drops its flock. Here the flock goes
+    half a second after a close event, with no event of its own."""
+    trigger = gate.root / "close-now"
+    holder = subprocess.Popen([sys.executable, "-c", _LEGACY_UNLOCK_WITHOUT_EVENT, str(gate.legacy),
+                               str(trigger)], stdout=subprocess.PIPE, text=True)
+    procs_left = [holder]
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        bg = gate.popen("run", "--", *gate.job("b"))
+        procs_left.append(bg)
+        gate.wait_queue(1)
+        time.sleep(0.5)  # let it find the legacy lock held and go to sleep on it
+        assert "start b" not in gate.events_text()
+        trigger.touch()
+        assert bg.wait(30) == 0, bg.stderr.read() if bg.stderr else ""
+        assert holder.poll() is None  # still alive: only its flock went
+    finally:
+        for p in procs_left:
+            kill(p)
+            p.wait(10)
+
+
+@pytest.mark.backends("systemd", "cgroupfs", "none")
+def test_a_lock_closed_before_its_flock_is_dropped_does_not_strand_the_waiter_behind(gate: Gate) -> None:
+    """The kernel queues a dying holder's IN_CLOSE_WRITE *before* it drops the
+    holder's flock (__fput: fsnotify_close, then locks_remove_file). A waiter
+    woken in between sees the lock still held; the event is spent, so without
+    a re-check it sleeps forever behind a dead ticket. (CI's slow guest hit
+    exactly that in the killed-waiter test above.) Here a fake ticket ahead
+    makes the gap half a second wide: its close-for-writing comes first, its
+    flock goes later with no event at all."""
+    from buildgate import procs
+    from buildgate.queue import Entry
+
+    q = gate.state / "q"
+    q.mkdir(parents=True)
+    trigger = gate.root / "close-now"
+    (q / "1.lock").touch()
+    holder = subprocess.Popen([sys.executable, "-c", _CLOSE_BEFORE_UNLOCK, str(q / "1.lock"), str(trigger)],
+                              stdout=subprocess.PIPE, text=True)
+    procs_left = [holder]
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        ahead = Entry(seq=1, pid=holder.pid, pid_start=procs.starttime(holder.pid), boot=procs.boot_id(),
+                      uid=0, name="fake-ahead", mem=400 << 20, argv="fake", cwd="/")
+        (q / "1.json").write_text(ahead.to_json())
+        small = gate.popen("run", "--mem", "100M", "--", *gate.job("small"))
+        procs_left.append(small)
+        entries = gate.wait_queue(2)
+        assert [(e["seq"], e["state"]) for e in entries] == [(1, "waiting"), (2, "waiting")], entries
+        trigger.touch()
+        assert small.wait(30) == 0, small.stderr.read() if small.stderr else ""
+        assert holder.wait(10) == 0
+        assert "start small" in gate.events_text()
+    finally:
+        for p in procs_left:
+            kill(p)
+            p.wait(10)
