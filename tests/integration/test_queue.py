@@ -412,3 +412,37 @@ def test_a_lock_closed_before_its_flock_is_dropped_does_not_strand_the_waiter_be
         for p in procs_left:
             kill(p)
             p.wait(10)
+
+
+@pytest.mark.parametrize("refresh", [None, 1.0])
+def test_the_waiting_line_is_repeated_at_the_refresh_pace_and_no_faster(tmp_path, refresh: float | None) -> None:
+    """What `run` asks of Ticket.wait for its waiting line (1 s on a TTY, 60 s
+    in a log): one report when the situation is first seen, then one per
+    ``refresh`` while nothing changes, never one per wakeup. Real lock files,
+    flock and inotify; a holder in this process keeps the budget full."""
+    from buildgate.errors import QueueTimeout
+    from buildgate.queue import RUNNING, Queue, prepare_state_dir
+
+    state = str(tmp_path / "state")
+    prepare_state_dir(state)
+    queue = Queue(state)
+    fields = dict(uid=os.getuid(), mem=100 << 20, argv="x", cwd="/")
+    holder = queue.enter(name="holder", **fields)
+    holder.update(state=RUNNING)
+    waiter = queue.enter(name="waiter", **fields)
+    seen: list[float] = []
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(QueueTimeout):
+            waiter.wait(100 << 20, t0 + 3.6, progress=lambda d: seen.append(time.monotonic() - t0),
+                        refresh=refresh)
+    finally:
+        waiter.release()
+        holder.release()
+    if refresh is None:
+        assert len(seen) == 1, seen  # nothing changed: said once
+    else:
+        # repeated (a slow machine may start late, so at least twice in 3.6 s) ...
+        assert 2 <= len(seen) <= 4, seen
+        # ... a refresh apart, never in a burst
+        assert all(b - a >= 0.9 for a, b in zip(seen, seen[1:])), seen
